@@ -1,0 +1,111 @@
+"""`jepa4rec`: the command line. Each command parses its flags, builds the config, calls the library.
+
+Any command takes `--config FILE` (repeatable, later files win) and dotted overrides
+(`--data.samples_per_shard=500`); unknown keys fail with the key's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jepa4rec_dist.config import load_config
+
+
+def _setup_logging(out_dir: Path | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / "jepa4rec.log"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    overrides = []
+    for arg in extra:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"jepa4rec: unrecognised argument {arg!r} (overrides look like --section.key=value)")
+        overrides.append(arg)
+    return overrides
+
+
+def _print_counts(manifest: dict, seconds: float | None = None) -> None:
+    c = manifest["counts"]
+    print(f"dataset {manifest['dataset']}: {c['users']:,} users, {c['items']:,} items, {c['interactions']:,} interactions")
+    print(f"{'split':<7}{'sequences':>11}{'interactions':>14}{'shards':>8}{'MiB':>9}")
+    for split, sc in c["splits"].items():
+        shards = manifest["shards"][split]
+        mib = sum(s["bytes"] for s in shards) / 2**20
+        print(f"{split:<7}{sc['sequences']:>11,}{sc['interactions']:>14,}{len(shards):>8}{mib:>9.2f}")
+    skipped = manifest["skipped"]["counts"]
+    print("skipped: " + (", ".join(f"{k}={v:,}" for k, v in skipped.items()) if skipped else "nothing"))
+    if seconds is not None:
+        print(f"took {seconds:.1f}s")
+
+
+def cmd_prepare(args, overrides: list[str]) -> int:
+    import time
+
+    from jepa4rec_dist.data.prepare import prepare
+
+    cli = []
+    if args.dataset:
+        cli.append(f"--data.dataset={args.dataset}")
+    if args.out:
+        cli.append(f"--data.out_dir={args.out}")
+    if args.tokenizer:
+        cli.append(f"--tokenizer.name={args.tokenizer}")
+    cfg = load_config(args.config, cli + overrides)
+    out = Path(cfg.data.out_dir)
+    _setup_logging(out, args.verbose)
+    t0 = time.perf_counter()
+    manifest = prepare(cfg)
+    _print_counts(manifest, time.perf_counter() - t0)
+    print(f"wrote {out / 'items.parquet'}, {out / 'shards'}/, {out / 'manifest.json'}")
+    return 0
+
+
+def cmd_verify(args, overrides: list[str]) -> int:
+    from jepa4rec_dist.data.shards import load_manifest, verify_dataset
+
+    counts = verify_dataset(args.dir)
+    print(json.dumps({"ok": True, "samples": counts}))
+    _print_counts(load_manifest(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jepa4rec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="raw data -> items.parquet + WebDataset shards + manifest.json")
+    p.add_argument("--dataset", help="ml-100k | ml-1m | amazon | generic (data.dataset)")
+    p.add_argument("--out", help="output directory (data.out_dir)")
+    p.add_argument("--tokenizer", help="minilm | roberta | local tokenizer dir (tokenizer.name)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("verify", help="check a prepared directory's shards against its manifest (sha256, counts)")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = _split_overrides(extra)
+        return args.func(args, overrides)
+    except ValueError as exc:
+        print(f"jepa4rec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels of jepa4rec-dist, each beside its plain-PyTorch reference."""
