@@ -15,13 +15,33 @@ from pathlib import Path
 from jepa4rec_dist.config import load_config
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (survives test capture swapping it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(out_dir: Path | None, verbose: bool) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    """Library logs (logger `jepa4rec_dist`) to stderr and, with an output folder, to its jepa4rec.log."""
+    logger = logging.getLogger("jepa4rec_dist")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(out_dir / "jepa4rec.log"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _split_overrides(extra: list[str]) -> list[str]:

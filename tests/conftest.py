@@ -10,3 +10,58 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small synthetic datasets in the `generic` format (items table + interactions table)
+# --------------------------------------------------------------------------------------------------------
+import csv  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ADJECTIVES = ["red", "quiet", "fast", "old", "bright", "small", "happy", "cold", "green", "dark"]
+NOUNS = ["river", "guitar", "lamp", "book", "garden", "camera", "bottle", "window", "chair", "road"]
+
+
+def write_generic(folder: Path, n_users: int, n_items: int = 40, min_events: int = 2, max_events: int = 9,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """items.csv (item_id, title, brand) and interactions.csv (user_id, item_id, timestamp)."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    items, inter = folder / "items.csv", folder / "interactions.csv"
+    with open(items, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "title", "brand"])
+        for i in range(n_items):
+            w.writerow([f"i{i}", f"{ADJECTIVES[i % 10]} {NOUNS[(i // 10) % 10]} {i}", f"brand{i % 7}"])
+    with open(inter, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        for u in range(n_users):
+            for e in range(rng.randint(min_events, max_events)):
+                w.writerow([f"user{u:03d}", f"i{rng.randrange(n_items)}", 1000 + 10 * e])
+    return items, inter
+
+
+def prepare_generic(folder: Path, n_users: int, samples_per_shard: int, **kw):
+    from jepa4rec_dist.config import load_config
+    from jepa4rec_dist.data.prepare import prepare
+
+    items, inter = write_generic(folder / "raw", n_users, **kw)
+    cfg = load_config(overrides=[
+        "--data.dataset=generic", f"--data.out_dir={folder / 'prepared'}",
+        f"--data.generic.items={items}", f"--data.generic.interactions={inter}",
+        "--data.item_text.attributes=[title, brand]", f"--data.samples_per_shard={samples_per_shard}",
+    ])
+    return cfg, prepare(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def uneven_dataset(tmp_path_factory):
+    """47 users with 2..9 events (35 train sequences); shards of 4 sequences, the last one short: uneven."""
+    folder = tmp_path_factory.mktemp("uneven")
+    cfg, manifest = prepare_generic(folder, n_users=47, samples_per_shard=4)
+    return Path(cfg.data.out_dir), manifest

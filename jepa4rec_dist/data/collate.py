@@ -32,7 +32,13 @@ import torch
 
 from jepa4rec_dist.config import MaskingConfig, SequenceConfig
 from jepa4rec_dist.data.items import ItemTable
-from jepa4rec_dist.data.tokenization import TOKEN_TYPE_CLS, TOKEN_TYPE_KEY, TOKEN_TYPE_PAD, TOKEN_TYPE_VALUE, TokenizerInfo
+from jepa4rec_dist.data.tokenization import (
+    TOKEN_TYPE_CLS,
+    TOKEN_TYPE_KEY,
+    TOKEN_TYPE_PAD,
+    TOKEN_TYPE_VALUE,
+    TokenizerInfo,
+)
 
 IGNORE_INDEX = -100
 
