@@ -28,8 +28,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
 
+# The main job, end to end as far as it exists: build ml-1m shards, then stream an epoch of them.
 demo: setup
-	$(VENV)/bin/jepa4rec prepare --dataset ml-1m --out $(DEMO_DIR)/ml-1m
+	$(VENV)/bin/jepa4rec prepare --config configs/data/ml-1m.yaml --out $(DEMO_DIR)/ml-1m
+	$(VENV)/bin/jepa4rec verify $(DEMO_DIR)/ml-1m
+	$(VENV)/bin/jepa4rec stream --data $(DEMO_DIR)/ml-1m --loader.num_workers=2
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -98,6 +98,44 @@ def cmd_verify(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_stream(args, overrides: list[str]) -> int:
+    """Stream one epoch of a split through the collator: throughput and the exactly-once check."""
+    import time
+    from collections import Counter
+
+    from tqdm.auto import tqdm
+
+    from jepa4rec_dist.data.collate import Collator
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
+    from jepa4rec_dist.data.shards import load_manifest
+    from jepa4rec_dist.data.tokenization import TokenizerInfo
+
+    cfg = load_config(args.config, [f"--data.out_dir={args.data}", *overrides])
+    root = Path(cfg.data.out_dir)
+    _setup_logging(None, args.verbose)
+    manifest = load_manifest(root)
+    tok = TokenizerInfo.from_dict(manifest["tokenizer"])
+    mode = "pretrain" if args.split == "train" else "next"
+    collator = Collator(ItemTable.load(root), tok, cfg.sequence, cfg.pretrain.masking, mode, seed=cfg.loader.seed)
+    loader = ShardLoader(root, args.split, cfg.loader, collator)
+    seen: Counter[str] = Counter()
+    tokens = 0
+    t0 = time.perf_counter()
+    for batch in tqdm(loader, total=len(loader), desc=f"stream {args.split}", unit="batch"):
+        seen.update(batch["keys"])
+        tokens += batch_tokens(batch)
+    seconds = time.perf_counter() - t0
+    expected = loader.total_samples
+    once = len(seen) == expected and set(seen.values()) <= {1}
+    print(json.dumps({"split": args.split, "mode": cfg.loader.mode, "workers": cfg.loader.num_workers,
+                      "batch_size": cfg.loader.batch_size, "sequences": sum(seen.values()), "expected": expected,
+                      "exactly_once": once, "seconds": round(seconds, 2),
+                      "sequences_per_s": round(sum(seen.values()) / seconds, 1),
+                      "tokens_per_s": round(tokens / seconds, 1)}))
+    return 0 if (once or cfg.loader.mode == "fixed") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa4rec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -109,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="minilm | roberta | local tokenizer dir (tokenizer.name)")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("stream", help="stream one epoch of a prepared split: sequences/s, tokens/s, exactly-once check")
+    p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("verify", help="check a prepared directory's shards against its manifest (sha256, counts)")
     p.add_argument("dir")

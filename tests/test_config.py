@@ -96,3 +96,12 @@ def test_saved_config_round_trips(tmp_path):
     assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
     assert config_to_dict(again)["loader"]["batch_size"] == 3
     assert isinstance(again, Config)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
+    assert files, "configs/ has no YAML"
+    for path in files:
+        load_config(path)  # strict: an unknown key or bad value in a shipped recipe fails here
