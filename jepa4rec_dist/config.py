@@ -149,11 +149,134 @@ class PretrainConfig:
     # "recformer": unmasked views for the contrastive loss + MLM inputs on both sides.
     objective: Literal["jepa", "recformer"] = "jepa"
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    cl_weight: float = 1.0
+    mlm_weight: float = 0.1
+    map_weight: float = 1.0  # JEPA only
+    temperature: float = 0.05  # cosine / temperature in the contrastive loss
+    ema_momentum: float = 0.996  # target encoder: cosine ramp from this to ema_momentum_end over train.max_steps
+    ema_momentum_end: float = 1.0
+    predictor_hidden: int | None = None  # 2-layer MLP predictor width; null = hidden size
+    # RecFormer mode: contrastive loss on the unmasked views (SPEC) or on the MLM-masked views (one pass per
+    # side, as RecFormer's released code does).
+    recformer_cl_views: Literal["unmasked", "masked"] = "unmasked"
+    loss_backend: str = "auto"  # infonce backend
 
     def validate(self, prefix: str) -> None:
         if self.masking.ratio is None:  # resolved here so the written config shows the value used
             self.masking.ratio = 0.5 if self.objective == "jepa" else 0.15
         self.masking.validate(f"{prefix}.masking")
+        _positive(self.temperature, f"{prefix}.temperature")
+        for name in ("ema_momentum", "ema_momentum_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{prefix}.{name}: must be in [0, 1], got {getattr(self, name)}")
+        for name in ("cl_weight", "mlm_weight", "map_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}.{name}: must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder shape and initialisation (SPEC section 3). Size presets live in configs/model/*.yaml."""
+
+    # "minilm": the real all-MiniLM-L6-v2 weights from the installed package; a path: a local HF BERT,
+    # RoBERTa or Longformer checkpoint directory; null: random init with the shape below.
+    init_from: str | None = "minilm"
+    vocab_size: int | None = None  # null: from the checkpoint, else from the tokenizer
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    max_position_embeddings: int = 1026  # token positions (RoBERTa numbering needs max_tokens + 2)
+    max_item_positions: int = 51  # 0 = CLS, 1..50 items newest first (pads use 50)
+    type_vocab_size: int = 4  # CLS, key, value, pad
+    attention_window: int = 32  # one-sided: |i - j| <= window (RecFormer's attention_window 64)
+    attention_backend: str = "auto"  # auto | reference | sdpa | flex | triton | flash
+    gradient_checkpointing: bool = False
+
+    def validate(self, prefix: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+                     "max_item_positions", "type_vocab_size"):
+            _positive(getattr(self, name), f"{prefix}.{name}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{prefix}.hidden_size ({self.hidden_size}) must be a multiple of {prefix}.num_heads ({self.num_heads})")
+        if self.attention_window < 0:
+            raise ValueError(f"{prefix}.attention_window: must be >= 0, got {self.attention_window}")
+        if self.type_vocab_size < 4:
+            raise ValueError(f"{prefix}.type_vocab_size: must be >= 4 (CLS, key, value, pad)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run bookkeeping, shared by pretraining and finetuning."""
+
+    output_dir: str = "runs/pretrain"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 1000  # optimizer steps
+    grad_accum: int = 1
+    clip_norm: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    freeze_word_embeddings: bool = True  # RecFormer froze them in pretraining
+
+    def validate(self, prefix: str) -> None:
+        _positive(self.lr, f"{prefix}.lr")
+        _positive(self.max_steps, f"{prefix}.max_steps")
+        _positive(self.grad_accum, f"{prefix}.grad_accum")
+        _positive(self.log_every, f"{prefix}.log_every")
+        _positive(self.save_every, f"{prefix}.save_every")
+        _positive(self.keep_last, f"{prefix}.keep_last")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{prefix}.warmup_steps: must be >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    """Two-stage finetuning (SPEC section 5)."""
+
+    init_from: str | None = None  # a pretrained export directory (or null: the model section's init)
+    output_dir: str = "runs/finetune"
+    stage1_epochs: int = 5
+    stage2_epochs: int = 3
+    patience: int = 2  # epochs without a better validation NDCG@10
+    lr: float = 5e-5
+    batch_size: int = 16
+    temperature: float = 0.05
+    loss_backend: str = "auto"  # infonce backend: auto | reference | triton | chunked
+    low_resource_fraction: float | None = None  # train on this share of training users (seeded)
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if self.stage1_epochs < 0 or self.stage2_epochs < 0:
+            raise ValueError(f"{prefix}.stage1_epochs / stage2_epochs: must be >= 0")
+        _positive(self.batch_size, f"{prefix}.batch_size")
+        _positive(self.temperature, f"{prefix}.temperature")
+        if self.low_resource_fraction is not None and not 0 < self.low_resource_fraction <= 1:
+            raise ValueError(f"{prefix}.low_resource_fraction: must be in (0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 50])
+    batch_size: int = 64
+    item_chunk: int = 65536  # items scored at once (never the whole catalogue for big ones)
+    exclude_history: bool = False  # RecFormer ranks against all items, history included
+    cold_start_k: int = 5  # cold-start users: test target seen fewer than k times in training
+
+    def validate(self, prefix: str) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ValueError(f"{prefix}.ks: must be positive cut-offs, got {self.ks}")
+        _positive(self.batch_size, f"{prefix}.batch_size")
+        _positive(self.item_chunk, f"{prefix}.item_chunk")
 
 
 @dataclass
@@ -191,12 +314,22 @@ class Config:
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        if self.sequence.max_items + 1 > self.model.max_item_positions:
+            raise ValueError(f"sequence.max_items ({self.sequence.max_items}) needs model.max_item_positions >= "
+                             f"{self.sequence.max_items + 1}, got {self.model.max_item_positions}")
+        if self.sequence.max_tokens + 2 > self.model.max_position_embeddings:
+            raise ValueError(f"sequence.max_tokens ({self.sequence.max_tokens}) needs model.max_position_embeddings >= "
+                             f"{self.sequence.max_tokens + 2}, got {self.model.max_position_embeddings}")
         return self
 
 

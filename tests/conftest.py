@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests run beside DataLoader workers and other processes on 2 cores: OpenMP threads that spin-wait for a
+# busy core make small ops hundreds of times slower, so every test process computes on one thread.
+torch.set_num_threads(1)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Small synthetic datasets in the `generic` format (items table + interactions table)

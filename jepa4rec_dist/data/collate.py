@@ -17,7 +17,8 @@ Masking (context view / MLM): units are `token`, `word` (tokenizer word boundari
 reached (never overshooting; at least one unit), and each chosen token becomes the mask token (80%),
 a random non-special token (10%) or stays (10%). Labels are -100 everywhere else.
 
-A batch: `keys` (sample keys), `next_item_index` (B,), and for each side `history_` / `next_`:
+A batch: `keys` (sample keys), `history_items` (item indices, oldest first, untruncated: for ID-based
+baselines), `next_item_index` (B,), and for each side `history_` / `next_`:
 `input_ids`, `token_type_ids`, `item_position_ids`, `position_ids`, `attention_mask`, `global_mask`
 (B, L), plus in `pretrain` mode `masked_input_ids` and `mlm_labels` (the context / MLM view).
 """
@@ -210,14 +211,14 @@ class Collator:
         rng = sample_rng(self.seed, epoch, key)
         t = sample_target_index(len(items), rng) if self.mode == "pretrain" else len(items) - 1
         history, target = self.encoder.history(items[:t]), self.encoder.item(items[t])
-        ex = {"key": key, "history": history, "next": target, "next_item_index": items[t]}
+        ex = {"key": key, "history": history, "next": target, "next_item_index": items[t], "history_items": items[:t]}
         if self.masker is not None:
             ex["history_mask"] = self.masker(history, rng)
             ex["next_mask"] = self.masker(target, rng)
         return ex
 
     def batch(self, examples: list[dict]) -> dict:
-        out: dict = {"keys": [e["key"] for e in examples],
+        out: dict = {"keys": [e["key"] for e in examples], "history_items": [e["history_items"] for e in examples],
                      "next_item_index": torch.tensor([e["next_item_index"] for e in examples], dtype=torch.long)}
         mi = self.cfg.max_items
         for side in ("history", "next"):

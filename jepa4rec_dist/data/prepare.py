@@ -183,3 +183,30 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
              cfg.data.dataset, time.perf_counter() - t0, counts["users"], counts["items"],
              counts["interactions"], dict(skips.counts) or "nothing")
     return manifest
+
+
+def low_resource_dataset(root: str | Path, fraction: float, seed: int) -> Path:
+    """A view of a prepared dataset whose train split keeps a seeded `fraction` of the training users
+    (valid, test and the item table are shared with the full dataset). Built once, then reused."""
+    from jepa4rec_dist.data.shards import iter_records, load_manifest
+    from jepa4rec_dist.eval.harness import sample_users
+
+    root = Path(root)
+    out = root / f"low-resource-{fraction:g}-seed{seed}"
+    if (out / MANIFEST).is_file():
+        return out
+    manifest = load_manifest(root)
+    records = sample_users(list(iter_records(root, "train")), fraction, seed)
+    per_shard = manifest["config"]["data"]["samples_per_shard"]
+    samples = [{k: r[k] for k in ("key", "user", "domain", "items", "timestamps")} for r in records]
+    infos = [write_shard(out, "train", i // per_shard, samples[i:i + per_shard]) for i in range(0, len(samples), per_shard)]
+    (out / ITEMS_FILE).unlink(missing_ok=True)
+    (out / ITEMS_FILE).symlink_to((root / ITEMS_FILE).resolve())
+    sub = dict(manifest)
+    sub["shards"] = {"train": shard_info_dicts(infos),
+                     **{s: [{**i, "path": f"../{i['path']}"} for i in manifest["shards"][s]] for s in ("valid", "test")}}
+    sub["counts"] = {**manifest["counts"], "splits": {**manifest["counts"]["splits"], "train": {
+        "sequences": len(samples), "interactions": int(sum(len(s["items"]) for s in samples))}}}
+    sub["low_resource"] = {"fraction": fraction, "seed": seed, "source": str(root)}
+    (out / MANIFEST).write_text(json.dumps(sub, indent=1))
+    return out

@@ -127,5 +127,21 @@ def verify_dataset(root: str | Path) -> dict:
     return out
 
 
+def iter_records(root: str | Path, split: str):
+    """Every sequence record of a split, in shard order, without collation (baselines, statistics)."""
+    root = Path(root)
+    for info in shard_infos(load_manifest(root), split):
+        path = root / info.path
+        try:
+            with tarfile.open(path, "r|") as tar:
+                for member in tar:
+                    if member.isreg() and member.name.endswith(".json"):
+                        record = json.loads(tar.extractfile(member).read())
+                        record["key"] = member.name.rsplit(".", 1)[0]
+                        yield record
+        except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt or truncated tar shard ({exc})") from exc
+
+
 def shard_info_dicts(infos: list[ShardInfo]) -> list[dict]:
     return [asdict(i) for i in infos]

@@ -1,0 +1,66 @@
+"""Baselines that run through the shared evaluation harness (`jepa4rec_dist.eval.harness`).
+
+- `popularity.PopularityScorer`: training-split item counts.
+- `sasrec.SASRecScorer`: ID-based SASRec (Kang & McAuley 2018), trained here with full softmax.
+- `graph.GraphScorer`: the training-free graph heuristic (last items -> few-hop transition graph ->
+  rank by item-text similarity), with `text_embed.item_text_embeddings` for the MiniLM item vectors.
+
+Every baseline is a `Scorer`, so it sees the same splits, batches and rank definition as our models.
+Submodules are not imported here: the graph baseline pulls in transformers, the others should not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Integral
+from pathlib import Path
+
+
+def check_records(records: Iterable[dict], num_items: int, who: str) -> list[list[int]]:
+    """The `items` lists of split records, validated: non-empty data, known item indices."""
+    sequences = []
+    for n, record in enumerate(records):
+        items = record.get("items") if isinstance(record, dict) else None
+        if not isinstance(items, list | tuple) or not items:
+            raise ValueError(f"{who}: record {n} ({_key(record)}) has no 'items' list")
+        bad = [i for i in items if not (isinstance(i, Integral) and 0 <= i < num_items)]
+        if bad:
+            raise ValueError(f"{who}: record {n} ({_key(record)}) has unknown item indices {bad[:5]} "
+                             f"(catalogue has {num_items} items)")
+        sequences.append([int(i) for i in items])
+    if not sequences:
+        raise ValueError(f"{who}: empty training data (no sequences)")
+    return sequences
+
+
+def check_histories(histories: list[list[int]], num_items: int, who: str) -> None:
+    """A batch's `history_items`: each non-empty, every index inside the catalogue."""
+    for b, hist in enumerate(histories):
+        if not hist:
+            raise ValueError(f"{who}: batch row {b} has an empty history")
+        bad = [i for i in hist if not 0 <= i < num_items]
+        if bad:
+            raise ValueError(f"{who}: batch row {b} has unknown item indices {bad[:5]} (catalogue has {num_items})")
+
+
+def _key(record) -> str:
+    return str(record.get("key", "?")) if isinstance(record, dict) else type(record).__name__
+
+
+def next_item_loader(root: str | Path, split: str, batch_size: int = 256, num_workers: int = 0):
+    """A `ShardLoader` over `split` in `next` mode (history -> last item), unshuffled: what `evaluate`
+    consumes. Token inputs are built too (the collator always does); ID baselines ignore them."""
+    from jepa4rec_dist.config import LoaderConfig, SequenceConfig
+    from jepa4rec_dist.data.collate import Collator
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.loader import ShardLoader
+    from jepa4rec_dist.data.shards import load_manifest
+    from jepa4rec_dist.data.tokenization import TokenizerInfo
+
+    tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
+    collator = Collator(ItemTable.load(root), tok, SequenceConfig(), None, mode="next")
+    cfg = LoaderConfig(batch_size=batch_size, num_workers=num_workers)
+    return ShardLoader(root, split, cfg, collator, shuffle=False)
+
+
+__all__ = ["check_records", "check_histories", "next_item_loader"]

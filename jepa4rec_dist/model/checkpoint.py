@@ -1,0 +1,160 @@
+"""Weights in and out: import from local HF BERT / RoBERTa / Longformer folders, export our own format.
+
+Import (SPEC section 3): layer weights map 1:1 (our parameter names are BERT's). New tables: the 4-row
+token-type table starts as copies of the checkpoint's first type row (RoBERTa/Longformer have only one),
+item positions random (as RecFormer did). A position table shorter than ours is tiled Longformer-style
+(RoBERTa keeps its two reserved rows in front). Longformer's separate global q/k/v projections are not
+used: our global tokens share the local projections (a documented difference from RecFormer).
+
+Export: a folder with `model.safetensors` (encoder, MLM head when present, extra tensors such as a
+finetuned item table) and `config.json` (the model section, pad id, tokenizer info). `load_export`
+rebuilds exactly what was saved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from jepa4rec_dist.config import ModelConfig, _build
+from jepa4rec_dist.data.tokenization import minilm_model_dir
+
+EXPORT_FORMAT = "jepa4rec-encoder"
+SUPPORTED = ("bert", "roberta", "longformer", "xlm-roberta")
+
+
+def _resolve(path: str) -> Path:
+    folder = minilm_model_dir() if path == "minilm" else Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model.init_from: {path!r} is not 'minilm' nor a checkpoint directory")
+    return folder
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def hf_model_config(path: str, base: ModelConfig) -> tuple[ModelConfig, int, dict]:
+    """Our model config with the checkpoint's shape; plus the checkpoint's pad id and raw config."""
+    folder = _resolve(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder}: no config.json")
+    hf = json.loads(config_path.read_text())
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"{config_path}: model_type {kind!r} is not one of {SUPPORTED}")
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{config_path}: hidden_act {act!r} (this encoder implements exact GELU only)")
+    cfg = replace(base, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                  num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                  layer_norm_eps=hf.get("layer_norm_eps", 1e-12))
+    return cfg, int(hf.get("pad_token_id", 0) or 0), hf
+
+
+def _strip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in weights.items():
+        for prefix in ("bert.", "roberta.", "longformer.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        out[key] = value
+    return out
+
+
+def _tile_positions(src: torch.Tensor, rows: int, roberta: bool) -> torch.Tensor:
+    if src.shape[0] >= rows:
+        return src[:rows].clone()
+    keep = 2 if roberta else 0  # RoBERTa's rows 0-1 are reserved for padding
+    body = src[keep:]
+    reps = -(-(rows - keep) // body.shape[0])
+    return torch.cat([src[:keep], body.repeat(reps, 1)])[:rows].clone()
+
+
+@torch.no_grad()
+def import_hf_weights(encoder, mlm_head, path: str, hf_config: dict) -> dict[str, list[str]]:
+    """Copy a HF checkpoint into our encoder (and MLM head when the checkpoint has one)."""
+    weights = _strip(_read_weights(_resolve(path)))
+    roberta = hf_config.get("model_type") != "bert"
+    own = encoder.state_dict()
+    loaded, skipped = [], []
+    for key, value in weights.items():
+        if key.startswith("encoder."):
+            target = key[len("encoder."):]
+        elif key.startswith("embeddings."):
+            target = key
+        else:
+            continue
+        if target == "embeddings.position_embeddings.weight":
+            value = _tile_positions(value, own[target].shape[0], roberta)
+        elif target == "embeddings.token_type_embeddings.weight":
+            value = value[:1].expand_as(own[target]).clone()
+        if target not in own:
+            skipped.append(key)  # e.g. Longformer's query_global/key_global/value_global, position_ids
+            continue
+        if own[target].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[target].shape)}")
+        own[target].copy_(value)
+        loaded.append(target)
+    missing = [k for k in own if k not in loaded and not k.startswith("embeddings.item_position_embeddings")]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    head_map = {"cls.predictions.transform.dense.weight": "dense.weight", "cls.predictions.transform.dense.bias": "dense.bias",
+                "cls.predictions.transform.LayerNorm.weight": "layer_norm.weight",
+                "cls.predictions.transform.LayerNorm.bias": "layer_norm.bias", "cls.predictions.bias": "bias",
+                "lm_head.dense.weight": "dense.weight", "lm_head.dense.bias": "dense.bias",
+                "lm_head.layer_norm.weight": "layer_norm.weight", "lm_head.layer_norm.bias": "layer_norm.bias",
+                "lm_head.bias": "bias"}
+    if mlm_head is not None:
+        head = mlm_head.state_dict()
+        for key, target in head_map.items():
+            if key in weights and target in head and head[target].shape == weights[key].shape:
+                head[target].copy_(weights[key])
+                loaded.append("mlm_head." + target)
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def save_export(folder: str | Path, model_cfg: ModelConfig, pad_id: int, tensors: dict[str, torch.Tensor],
+                tokenizer: dict | None = None, extra: dict | None = None) -> Path:
+    """Write `tensors` (flat name -> tensor, e.g. `encoder.*`, `mlm_head.*`, `item_table`) + config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(flat, str(folder / "model.safetensors"))
+    meta = {"format": EXPORT_FORMAT, "model": asdict(model_cfg), "pad_id": pad_id, "tokenizer": tokenizer,
+            **(extra or {})}
+    (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def load_export(folder: str | Path) -> tuple[ModelConfig, int, dict[str, torch.Tensor], dict]:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: not an export (no config.json)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r} "
+                         "(for a HF checkpoint use model.init_from instead)")
+    cfg = _build(ModelConfig, meta["model"], "model")
+    return cfg, int(meta["pad_id"]), load_file(str(folder / "model.safetensors")), meta
+
+
+def is_export(folder: str | Path) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == EXPORT_FORMAT
+    except json.JSONDecodeError:
+        return False

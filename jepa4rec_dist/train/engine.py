@@ -1,0 +1,104 @@
+"""A minimal single-process training engine with DeepSpeed's method names.
+
+`backward(loss)`, `step()` (an optimizer step on gradient-accumulation boundaries only), `state_dict()`:
+the same calls a DeepSpeed engine answers, so the training loops are written once and the DeepSpeed
+launcher swaps in the real engine. AdamW, linear warm-up then linear decay to 0 (RecFormer's schedule),
+global-norm clipping; bf16 autocast on CUDA when asked, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("train.precision=bf16 needs a CUDA device (CPU runs in fp32)")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class TorchEngine:
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, warmup: int, total_steps: int,
+                 clip_norm: float, grad_accum: int, device: torch.device, dtype: torch.dtype,
+                 extra_params: list[nn.Parameter] | None = None):
+        self.module = model.to(device)
+        self.device, self.dtype = device, dtype
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, total_steps))
+        self.clip_norm, self.grad_accum = clip_norm, grad_accum
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def autocast(self):
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, *args, **kwargs):
+        with self.autocast():
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def step(self) -> bool:
+        """Count a micro-batch; on a boundary clip, step, schedule, zero grads and return True."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        return True
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                "global_steps": self.global_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
