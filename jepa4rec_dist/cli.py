@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from jepa4rec_dist.config import load_config
@@ -68,8 +69,6 @@ def _print_counts(manifest: dict, seconds: float | None = None) -> None:
 
 
 def cmd_prepare(args, overrides: list[str]) -> int:
-    import time
-
     from jepa4rec_dist.data.prepare import prepare
 
     cli = []
@@ -100,7 +99,6 @@ def cmd_verify(args, overrides: list[str]) -> int:
 
 def cmd_stream(args, overrides: list[str]) -> int:
     """Stream one epoch of a split through the collator: throughput and the exactly-once check."""
-    import time
     from collections import Counter
 
     from tqdm.auto import tqdm
@@ -136,6 +134,106 @@ def cmd_stream(args, overrides: list[str]) -> int:
     return 0 if (once or cfg.loader.mode == "fixed") else 1
 
 
+def _config(args, overrides: list[str], data: str | None = None, extra: list[str] | None = None):
+    cli = [f"--data.out_dir={data}"] if data else []
+    return load_config(args.config, cli + (extra or []) + overrides)
+
+
+def cmd_pretrain(args, overrides: list[str]) -> int:
+    """Single-process pretraining (`deepspeed launch/pretrain.py` for several processes)."""
+    from jepa4rec_dist.train.pretrain import pretrain
+
+    cfg = _config(args, overrides, args.data, [f"--train.output_dir={args.out}"] if args.out else [])
+    _setup_logging(Path(cfg.train.output_dir), args.verbose)
+    result = pretrain(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_finetune(args, overrides: list[str]) -> int:
+    from jepa4rec_dist.eval.run import format_table
+    from jepa4rec_dist.train.finetune import finetune
+
+    extra = [f"--finetune.output_dir={args.out}"] if args.out else []
+    if args.model:
+        extra.append(f"--finetune.init_from={args.model}")
+    cfg = _config(args, overrides, args.data, extra)
+    _setup_logging(Path(cfg.finetune.output_dir), args.verbose)
+    result = finetune(cfg)
+    print(format_table([{"method": "finetuned (best)", "setting": "full", **result["test"], "seconds": 0}], tuple(cfg.eval.ks)))
+    print(f"best: stage {result['best']['stage']} epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f}; "
+          f"export in {Path(cfg.finetune.output_dir) / 'best'}")
+    return 0
+
+
+def cmd_evaluate(args, overrides: list[str]) -> int:
+    from jepa4rec_dist.eval.run import dataset, evaluate_rows, format_table, model_scorer, write_rows
+
+    cfg = _config(args, overrides, args.data)
+    _setup_logging(None, args.verbose)
+    if not args.model and not args.baselines:
+        raise ValueError("evaluate: give --model EXPORT_DIR (repeatable) and/or --baselines popularity,sasrec,graph")
+    root, tok, table = dataset(cfg)
+    rows = []
+    for model_dir in args.model:
+        t0 = time.perf_counter()
+        scorer = model_scorer(cfg, model_dir, tok, table)
+        rows += evaluate_rows(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0)[0]
+    if args.baselines:
+        from jepa4rec_dist.baselines import build_baseline
+
+        for name in args.baselines.split(","):
+            t0 = time.perf_counter()
+            scorer = build_baseline(name.strip(), cfg)
+            rows += evaluate_rows(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0)[0]
+    print(format_table(rows, tuple(cfg.eval.ks)))
+    out = Path(args.out) if args.out else Path(cfg.data.out_dir) / f"eval-{args.split}.json"
+    write_rows(rows, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_embed(args, overrides: list[str]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jepa4rec_dist.eval.run import dataset, model_scorer
+
+    cfg = _config(args, overrides, args.data)
+    _setup_logging(None, args.verbose)
+    _, tok, table = dataset(cfg)
+    emb = model_scorer(cfg, args.model, tok, table).table.float().cpu().numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"item_index": list(range(table.num_items)), "item_id": table.item_ids,
+                             "embedding": pa.array(list(emb), type=pa.list_(pa.float32(), emb.shape[1]))}), out)
+    print(f"wrote {table.num_items:,} item embeddings of size {emb.shape[1]} to {out}")
+    return 0
+
+
+def cmd_recommend(args, overrides: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    from jepa4rec_dist.eval.run import dataset, model_scorer, recommend, resolve_items
+
+    cfg = _config(args, overrides, args.data)
+    _setup_logging(None, args.verbose)
+    root, tok, table = dataset(cfg)
+    history = resolve_items(root, table, args.history)
+    scorer = model_scorer(cfg, args.model, tok, table, progress=False)
+    attrs = pq.read_table(root / "items.parquet", columns=["attributes"]).column("attributes").to_pylist()
+    recs = recommend(scorer, cfg, tok, table, history, args.k)
+    if args.json:
+        print(json.dumps([{"rank": r + 1, "item_id": table.item_ids[i], "score": s, "attributes": attrs[i]}
+                          for r, (i, s) in enumerate(recs)]))
+        return 0
+    print(f"history (oldest first): {[table.item_ids[i] for i in history]}")
+    for rank, (i, score) in enumerate(recs, start=1):
+        text = "; ".join(f"{k}: {v}" for k, v in attrs[i].items() if v)
+        print(f"{rank:>3}. {table.item_ids[i]:<20} {score:8.3f}  {text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa4rec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -153,6 +251,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "valid", "test"])
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("pretrain", help="single-process pretraining (DeepSpeed: deepspeed launch/pretrain.py)")
+    p.add_argument("--data", help="prepared directory (data.out_dir)")
+    p.add_argument("--out", help="run folder (train.output_dir)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="two-stage finetuning, best by validation NDCG@10, then test")
+    p.add_argument("--data", help="prepared directory (data.out_dir)")
+    p.add_argument("--model", help="pretrained export directory (finetune.init_from)")
+    p.add_argument("--out", help="run folder (finetune.output_dir)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="full-ranking metrics of exports and baselines: table + JSON")
+    p.add_argument("--data", help="prepared directory (data.out_dir)")
+    p.add_argument("--model", action="append", default=[], help="export directory (repeatable)")
+    p.add_argument("--baselines", help="comma-separated: popularity,sasrec,graph")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--out", help="JSON output (default DATA/eval-SPLIT.json)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("embed", help="item embeddings of an export to Parquet")
+    p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")
+    p.add_argument("--model", required=True, help="export directory")
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("recommend", help="top-k items for a history of item ids or titles")
+    p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")
+    p.add_argument("--model", required=True, help="export directory")
+    p.add_argument("--history", nargs="+", required=True, help="item ids or titles, oldest first")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("verify", help="check a prepared directory's shards against its manifest (sha256, counts)")
     p.add_argument("dir")

@@ -19,7 +19,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
