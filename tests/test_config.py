@@ -81,6 +81,13 @@ def test_int_is_accepted_for_float_and_null_for_optional():
     assert cfg.data.item_text.attributes is None
 
 
+def test_exponent_floats_without_a_dot():
+    cfg = load_config(overrides=["--train.lr=1e-3", "--pretrain.temperature=5E-2"])
+    assert cfg.train.lr == 0.001 and cfg.pretrain.temperature == 0.05
+    with pytest.raises(ValueError, match="train.lr: expected a number, got 'fast'"):
+        load_config(overrides=["--train.lr=fast"])
+
+
 def test_parse_override_types():
     assert parse_override("--a.b=3") == (["a", "b"], 3)
     assert parse_override("a.b=[x, y]") == (["a", "b"], ["x", "y"])

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -239,7 +240,10 @@ class ShardLoader:
         stream = _ShardStream(plans, assignments, quotas, self.cfg.batch_size, self.cfg.drop_last,
                               self.mode == "fixed", self.cfg.shuffle_buffer if self.shuffle else 0,
                               self.cfg.seed, self.epoch, self.rank, self.collator)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        # Its own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+        # run's dropout masks would shift by one draw (our workers use per-sample numpy RNGs only).
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, generator=generator,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
         for batch in loader:
             self.consumed += 1
