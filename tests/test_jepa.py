@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.model.encoder import cls, mlm_loss
-from jepa4rec_dist.model.jepa import ema_momentum
+from jepa4rec_dist.model.jepa import LocalOps, ema_momentum, ema_update, make_target_encoder
 from jepa4rec_dist.train.pretrain import build_pretrain_model, data_for
 
 
@@ -23,6 +23,8 @@ def setup(uneven_dataset):
         torch.manual_seed(0)
         tok, loader = data_for(cfg)
         model = build_pretrain_model(cfg, tok)
+        # kept beside the model, not registered in it (as the training loop does)
+        object.__setattr__(model, "target", make_target_encoder(model.encoder) if model.jepa else None)
         return cfg, model, next(iter(loader))
 
     return make
@@ -41,10 +43,12 @@ def test_ema_update(setup):
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
-    before = [p.clone() for p in model.target_encoder.parameters()]
-    model.update_target(0.9)
-    for t0, t1, c in zip(before, model.target_encoder.parameters(), model.encoder.parameters(), strict=True):
+    before = [p.clone() for p in model.target.parameters()]
+    ema_update(model.target, model.encoder.parameters(), 0.9)
+    for t0, t1, c in zip(before, model.target.parameters(), model.encoder.parameters(), strict=True):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * c)
+    with pytest.raises(RuntimeError, match="gather partitions first"):
+        ema_update(model.target, [torch.zeros(3)] * len(before), 0.9)
 
 
 def infonce(q, k, tau=0.05):
@@ -55,9 +59,9 @@ def infonce(q, k, tau=0.05):
 def test_jepa_losses_match_hand_computation(setup):
     cfg, model, batch = setup("jepa")
     model.eval()  # no dropout: the hand computation sees the same activations
-    out = model(batch)
+    out = model(batch, model.target)
     with torch.no_grad():
-        t_hist, t_item = cls(model.target_encoder.encode(batch, "history_")), cls(model.target_encoder.encode(batch, "next_"))
+        t_hist, t_item = cls(model.target.encode(batch, "history_")), cls(model.target.encode(batch, "next_"))
         h_hist = model.encoder.encode(batch, "history_", "masked_input_ids")
         h_item = model.encoder.encode(batch, "next_", "masked_input_ids")
         p = lambda h: F.normalize(model.predictor(cls(h)), dim=-1)  # noqa: E731
@@ -76,8 +80,9 @@ def test_jepa_losses_match_hand_computation(setup):
 
 def test_gradients_reach_context_and_predictor_not_target(setup):
     _, model, batch = setup("jepa")
-    model(batch)["loss"].backward()
-    assert all(p.grad is None for p in model.target_encoder.parameters())
+    model(batch, model.target)["loss"].backward()
+    assert all(p.grad is None for p in model.target.parameters())
+    assert not any(n.startswith("target") for n, _ in model.named_parameters())  # outside the optimizer
     assert model.predictor.net[0].weight.grad.abs().sum() > 0
     assert model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert model.encoder.embeddings.word_embeddings.weight.grad is None  # frozen (RecFormer's choice)
@@ -86,7 +91,7 @@ def test_gradients_reach_context_and_predictor_not_target(setup):
 def test_recformer_objective(setup):
     for views in ("unmasked", "masked"):
         cfg, model, batch = setup("recformer", f"--pretrain.recformer_cl_views={views}")
-        assert cfg.pretrain.masking.ratio == 0.15 and not hasattr(model, "target_encoder")
+        assert cfg.pretrain.masking.ratio == 0.15 and model.target is None
         model.eval()
         out = model(batch)
         with torch.no_grad():
@@ -104,14 +109,30 @@ def test_recformer_objective(setup):
 
 
 def test_gathered_keys_give_the_global_batch_loss(setup):
-    """Two halves with each other's next items gathered in: the mean of their losses is the full batch's."""
+    """Two "ranks" with each other's next items gathered in and the MLM token count summed: the mean of their
+    losses is the full batch's loss, term by term."""
     _, model, batch = setup("jepa")
     model.eval()
     half = lambda b, s: {k: (v[s] if isinstance(v, torch.Tensor | list) else v) for k, v in b.items()}  # noqa: E731
     a, b = half(batch, slice(0, 2)), half(batch, slice(2, 4))
     with torch.no_grad():
         item_cls = {n: cls(model.encoder.encode(x, "next_", "masked_input_ids")) for n, x in (("a", a), ("b", b))}
-        full = model(batch)["loss_cl"]
-        la = model(a, gather=lambda x: (torch.cat([x, item_cls["b"]]), 0))["loss_cl"]
-        lb = model(b, gather=lambda x: (torch.cat([item_cls["a"], x]), 2))["loss_cl"]
-    assert ((la + lb) / 2).item() == pytest.approx(full.item(), rel=1e-5)
+        n_mlm = {n: int((x["history_mlm_labels"] != -100).sum() + (x["next_mlm_labels"] != -100).sum()) for n, x in (("a", a), ("b", b))}
+        full = model(batch, model.target)
+
+        class Half(LocalOps):
+            world = 2
+
+            def __init__(self, keys, offset):
+                self.keys, self.offset = keys, offset
+
+            def gather_with_grad(self, x):
+                return self.keys(x), self.offset
+
+            def all_reduce_sum(self, x):
+                return x.new_tensor(float(n_mlm["a"] + n_mlm["b"]))
+
+        la = model(a, model.target, Half(lambda x: torch.cat([x, item_cls["b"]]), 0))
+        lb = model(b, model.target, Half(lambda x: torch.cat([item_cls["a"], x]), 2))
+    for key in ("loss_cl", "loss_mlm", "loss_map", "loss"):  # what data-parallel averaging computes
+        assert ((la[key] + lb[key]) / 2).item() == pytest.approx(full[key].item(), rel=1e-5), key

@@ -12,15 +12,15 @@ JEPA4Rec step (the ijepa reading order):
 RecFormer mode: no target encoder, no predictor; L = L_cl + w_mlm (L_mlm_hist + L_mlm_item) with 15%
 whole-word MLM; the contrastive views are the unmasked ones (SPEC) or the masked ones (one pass per side).
 
-Distributed: `gather` all-gathers the next-item CLS with gradient (identity in one process); the local
-queries' positives sit at `offset + arange(B)` in the gathered keys.
+Distributed: `ops.gather_with_grad` all-gathers the next-item CLS with gradient (identity in one process);
+the local queries' positives sit at `offset + arange(B)` in the gathered keys. The target encoder lives
+outside this module (and outside the optimizer / ZeRO engine): a full fp32 copy on every rank.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,40 @@ class Predictor(nn.Module):
         return self.net(x)
 
 
+class LocalOps:
+    """Collective hooks of the loss, for one process: identity. `train/distributed.py` has the real ones."""
+
+    rank, world = 0, 1
+
+    def gather_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All ranks' rows of `x` (gradient flows back to their owners) and where this rank's rows start."""
+        return x, 0
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def make_target_encoder(encoder: Encoder) -> Encoder:
+    """f': a deep copy with gradients off, kept outside the optimizer and the ZeRO engine (fp32, full)."""
+    target = copy.deepcopy(encoder)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target.eval()
+
+
+@torch.no_grad()
+def ema_update(target: Encoder, context_params, momentum: float) -> None:
+    """f' <- m f' + (1 - m) f, parameter by parameter (full tensors on both sides: the caller gathers
+    ZeRO-3 partitions first, never an EMA of a shard against a full tensor)."""
+    for p_t, p_c in zip(target.parameters(), context_params, strict=True):
+        if p_t.shape != p_c.shape:
+            raise RuntimeError(f"EMA shape mismatch {tuple(p_t.shape)} vs {tuple(p_c.shape)}: gather partitions first")
+        p_t.mul_(momentum).add_(p_c.detach().to(p_t.dtype), alpha=1.0 - momentum)
+
+
 class PretrainModel(nn.Module):
+    """The trained part: context encoder f, MLM head, predictor g (JEPA). The target encoder is passed in."""
+
     def __init__(self, encoder: Encoder, mlm_head: MLMHead, cfg: PretrainConfig):
         super().__init__()
         self.cfg = cfg
@@ -58,30 +91,35 @@ class PretrainModel(nn.Module):
         if self.jepa:
             h = encoder.cfg.hidden_size
             self.predictor = Predictor(h, cfg.predictor_hidden or h)
-            self.target_encoder = copy.deepcopy(encoder)
-            for p in self.target_encoder.parameters():
-                p.requires_grad_(False)
 
     @property
     def model_cfg(self) -> ModelConfig:
         return self.encoder.cfg
 
-    def _contrastive(self, hist_cls, item_cls, gather):
-        keys, offset = gather(item_cls)
+    def _contrastive(self, hist_cls, item_cls, ops):
+        keys, offset = ops.gather_with_grad(item_cls)
         targets = offset + torch.arange(hist_cls.shape[0], device=hist_cls.device)
         return infonce_loss(hist_cls.float(), keys.float(), targets, temperature=self.cfg.temperature,
                             normalize=True, backend=self.cfg.loss_backend)
 
-    def forward(self, batch: dict, gather: Callable | None = None) -> dict[str, torch.Tensor]:
-        gather = gather or (lambda x: (x, 0))
+    def _mlm(self, hidden, labels, ops):
+        """Token-mean over the GLOBAL batch: local sum / global count * world, so that the ranks' mean
+        (what data-parallel gradient averaging computes) equals the single-process loss."""
+        total, n = mlm_loss(self.mlm_head, hidden, labels)
+        count = ops.all_reduce_sum(torch.tensor(float(n), device=hidden.device))
+        return total * ops.world / count.clamp(min=1.0)
+
+    def forward(self, batch: dict, target: Encoder | None = None, ops: LocalOps | None = None) -> dict[str, torch.Tensor]:
+        ops = ops or LocalOps()
         ctx = "masked_input_ids"
         out: dict[str, torch.Tensor] = {}
         if self.jepa:
+            if target is None:
+                raise ValueError("the JEPA objective needs the target encoder (make_target_encoder)")
             # 1. target views, no grad
             with torch.no_grad():
-                self.target_encoder.eval()  # target encoder: deterministic (no dropout)
-                t_hist = cls(self.target_encoder.encode(batch, "history_"))
-                t_item = cls(self.target_encoder.encode(batch, "next_"))
+                t_hist = cls(target.encode(batch, "history_"))
+                t_item = cls(target.encode(batch, "next_"))
             # 2. context views
             h_hist = self.encoder.encode(batch, "history_", ctx)
             h_item = self.encoder.encode(batch, "next_", ctx)
@@ -90,32 +128,22 @@ class PretrainModel(nn.Module):
             p_item = F.normalize(self.predictor(cls(h_item)).float(), dim=-1)
             l_map = 0.5 * ((p_hist - F.normalize(t_hist.float(), dim=-1)).pow(2).sum(-1).mean()
                            + (p_item - F.normalize(t_item.float(), dim=-1)).pow(2).sum(-1).mean())
-            s_hist, n_hist = mlm_loss(self.mlm_head, h_hist, batch["history_mlm_labels"])
-            s_item, n_item = mlm_loss(self.mlm_head, h_item, batch["next_mlm_labels"])
-            l_mlm = (s_hist + s_item) / max(n_hist + n_item, 1)
-            l_cl = self._contrastive(cls(h_hist), cls(h_item), gather)
+            labels = torch.cat([batch["history_mlm_labels"].flatten(), batch["next_mlm_labels"].flatten()])
+            hidden = torch.cat([h_hist.flatten(0, 1), h_item.flatten(0, 1)])
+            l_mlm = self._mlm(hidden, labels, ops)
+            l_cl = self._contrastive(cls(h_hist), cls(h_item), ops)
             out["loss_map"] = l_map
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm + self.cfg.map_weight * l_map
         else:
             m_hist = self.encoder.encode(batch, "history_", ctx)
             m_item = self.encoder.encode(batch, "next_", ctx)
-            s_hist, n_hist = mlm_loss(self.mlm_head, m_hist, batch["history_mlm_labels"])
-            s_item, n_item = mlm_loss(self.mlm_head, m_item, batch["next_mlm_labels"])
-            l_mlm = s_hist / max(n_hist, 1) + s_item / max(n_item, 1)
+            l_mlm = self._mlm(m_hist, batch["history_mlm_labels"], ops) + self._mlm(m_item, batch["next_mlm_labels"], ops)
             if self.cfg.recformer_cl_views == "masked":
                 q, k = cls(m_hist), cls(m_item)
             else:
                 q, k = cls(self.encoder.encode(batch, "history_")), cls(self.encoder.encode(batch, "next_"))
-            l_cl = self._contrastive(q, k, gather)
+            l_cl = self._contrastive(q, k, ops)
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm
         out["loss_cl"] = l_cl
         out["loss_mlm"] = l_mlm
         return out
-
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """EMA: f' <- m f' + (1 - m) f. Works on whatever each parameter holds locally (see train/)."""
-        if not self.jepa:
-            return
-        for p_t, p_c in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
-            p_t.mul_(momentum).add_(p_c.detach(), alpha=1.0 - momentum)

@@ -24,7 +24,7 @@ from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import save_export
-from jepa4rec_dist.model.jepa import PretrainModel, ema_momentum
+from jepa4rec_dist.model.jepa import PretrainModel, ema_momentum, ema_update, make_target_encoder
 from jepa4rec_dist.train.engine import TorchEngine, resolve_device, resolve_dtype, to_device
 from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
 
@@ -64,11 +64,14 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     t = cfg.train
     engine = TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, t.grad_accum,
                          device, resolve_dtype(t.precision, device))
+    target = make_target_encoder(model.encoder).to(device) if model.jepa else None
     ckpts, metrics = Checkpoints(out / "checkpoints", t.keep_last), MetricsLog(out / "metrics.jsonl")
     latest = ckpts.latest()
     if latest is not None:
         state = ckpts.load(latest)
         engine.load_state_dict(state["engine"])
+        if target is not None:
+            target.load_state_dict(state["target"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", latest, engine.global_steps)
@@ -79,7 +82,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     while step < t.max_steps:
         for batch in loader:
             batch = to_device(batch, device)
-            losses = engine(batch)
+            losses = engine(batch, target)
             engine.backward(losses["loss"])
             window["tokens"] += batch_tokens(batch)
             window["seqs"] += len(batch["keys"])
@@ -90,7 +93,8 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
                 continue
             step = engine.global_steps
             momentum = ema_momentum(step, t.max_steps, cfg.pretrain.ema_momentum, cfg.pretrain.ema_momentum_end)
-            model.update_target(momentum)
+            if target is not None:
+                ema_update(target, model.encoder.parameters(), momentum)
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 seconds = time.perf_counter() - window["t0"]
@@ -102,7 +106,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
                 window = {"tokens": 0, "seqs": 0, "t0": time.perf_counter(), "sums": {}, "n": 0}
             if step % t.save_every == 0 or step == t.max_steps:
                 ckpts.save(step, {"engine": engine.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                                  "step": step})
+                                  "target": target.state_dict() if target is not None else None, "step": step})
             if step >= t.max_steps:
                 break
     bar.close()
