@@ -226,6 +226,10 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2
     freeze_word_embeddings: bool = True  # RecFormer froze them in pretraining
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3) when launched with `deepspeed`
+    collective_timeout_s: int = 600  # a rank that stops answering fails the job after this, never a hang
+    cpu_threads: int | None = None  # torch threads per process on CPU; null = cores // local processes
+    tensorboard: bool = True
 
     def validate(self, prefix: str) -> None:
         _positive(self.lr, f"{prefix}.lr")
@@ -236,6 +240,11 @@ class TrainConfig:
         _positive(self.keep_last, f"{prefix}.keep_last")
         if self.warmup_steps < 0:
             raise ValueError(f"{prefix}.warmup_steps: must be >= 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{prefix}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _positive(self.collective_timeout_s, f"{prefix}.collective_timeout_s")
+        if self.cpu_threads is not None:
+            _positive(self.cpu_threads, f"{prefix}.cpu_threads")
 
 
 @dataclass

@@ -33,7 +33,7 @@ def test_pretrain_logs_every_term_and_resumes_exactly(uneven_dataset, tmp_path):
     # "kill" after step 3: keep the step-3 checkpoint and the first three log lines, run the same command again
     crash = tmp_path / "crash"
     shutil.copytree(tmp_path / "full", crash)
-    (crash / "checkpoints" / "step-0000006.pt").unlink()
+    shutil.rmtree(crash / "checkpoints" / "step-0000006")
     shutil.rmtree(crash / "export")
     (crash / "metrics.jsonl").write_text("".join(line + "\n" for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[:3]))
     pretrain(pretrain_cfg(root, crash), progress=False)

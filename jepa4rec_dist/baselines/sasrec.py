@@ -202,8 +202,10 @@ class SASRecScorer:
             total, count = 0.0, 0
             for rows in torch.randperm(len(inputs), generator=order_rng).split(cfg.batch_size):
                 hidden = model(inputs[rows])  # (B, L, H)
-                logits = hidden @ model.item_table().T  # (B, L, N): full softmax over the catalogue
-                loss = F.cross_entropy(logits.flatten(0, 1), targets[rows].flatten(), ignore_index=IGNORE)
+                target = targets[rows]
+                real = target != IGNORE  # logits for real positions only: ~20% less work on ml-100k
+                logits = hidden[real] @ model.item_table().T  # (M, N): full softmax over the catalogue
+                loss = F.cross_entropy(logits, target[real])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

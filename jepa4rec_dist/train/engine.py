@@ -9,6 +9,7 @@ global-norm clipping; bf16 autocast on CUDA when asked, fp32 on CPU.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -87,6 +88,19 @@ class TorchEngine:
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
+
+    def gathered(self, params):
+        return contextlib.nullcontext()  # parameters are always whole here
+
+    def save_checkpoint(self, folder: Path, tag: str) -> None:
+        (folder / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), folder / tag / "engine.pt")
+
+    def load_checkpoint(self, folder: Path, tag: str) -> None:
+        path = folder / tag / "engine.pt"
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (a DeepSpeed checkpoint? resume it with the deepspeed launcher)")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),

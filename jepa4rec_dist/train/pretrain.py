@@ -1,19 +1,24 @@
-"""`pretrain(cfg)`: the one pretraining loop every launcher ends up in.
+"""`pretrain(cfg, runtime)`: the one pretraining loop every launcher ends up in.
 
-Reads the prepared shards through the loader in `fixed` mode (every rank the same number of batches),
-builds the encoder (MiniLM / HF import / export / random), wraps the objective (JEPA4Rec or RecFormer)
-in an engine, and runs: forward -> backward -> optimizer step on accumulation boundaries -> EMA update
-of the target encoder with m(step) -> logs -> checkpoints. The folder `train.output_dir` is resumable:
-start the same command again and it continues from the latest checkpoint with the same losses.
+Single process (`jepa4rec pretrain`) or one process per rank (`deepspeed launch/pretrain.py`, `torchrun`,
+Ray Train): the loader in `fixed` mode gives every rank the same number of batches; the objective runs on
+a `TorchEngine` or a DeepSpeed ZeRO engine; the EMA target encoder is a full fp32 copy on every rank,
+updated from gathered context weights (ZeRO-3) after each optimizer step with m(step).
+
+Run folder (`train.output_dir`): config.yaml, metrics.jsonl and tensorboard/ (rank 0 only),
+checkpoints/step-NNNNNNN/ (engine state, target.pt, client-rank<r>.pt: loader position and RNG),
+export/ (consolidated safetensors + config). Starting the same command again resumes from the latest
+complete checkpoint and reproduces the uninterrupted loss curve.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from jepa4rec_dist.config import Config, save_config
@@ -24,11 +29,42 @@ from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import save_export
-from jepa4rec_dist.model.jepa import PretrainModel, ema_momentum, ema_update, make_target_encoder
+from jepa4rec_dist.model.jepa import LocalOps, PretrainModel, ema_momentum, ema_update, make_target_encoder
 from jepa4rec_dist.train.engine import TorchEngine, resolve_device, resolve_dtype, to_device
-from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
+from jepa4rec_dist.train.run import (
+    Checkpoints,
+    MetricsLog,
+    peak_memory_bytes,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Where this process sits. `distributed` = torch.distributed is initialised (DeepSpeed engine)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def device(self, name: str) -> torch.device:
+        device = resolve_device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank)
+        return device
 
 
 def build_pretrain_model(cfg: Config, tok: TokenizerInfo) -> PretrainModel:
@@ -52,67 +88,148 @@ def export_model(model: PretrainModel, tok: TokenizerInfo, folder: Path, step: i
                        extra={"objective": objective, "step": step})
 
 
-def pretrain(cfg: Config, progress: bool = True) -> dict:
-    """Single-process pretraining (the DeepSpeed launcher runs the same steps on its engine)."""
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.train.seed)
-    tok, loader = data_for(cfg)
-    model = build_pretrain_model(cfg, tok)
-    device = resolve_device(cfg.train.device)
+def _make_engine(model, cfg: Config, runtime: Runtime, device: torch.device):
     t = cfg.train
-    engine = TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, t.grad_accum,
-                         device, resolve_dtype(t.precision, device))
-    target = make_target_encoder(model.encoder).to(device) if model.jepa else None
-    ckpts, metrics = Checkpoints(out / "checkpoints", t.keep_last), MetricsLog(out / "metrics.jsonl")
-    latest = ckpts.latest()
-    if latest is not None:
-        state = ckpts.load(latest)
-        engine.load_state_dict(state["engine"])
+    dtype = resolve_dtype(t.precision, device)
+    if runtime.distributed:
+        from jepa4rec_dist.train.distributed import DeepSpeedEngine
+
+        model.to(device)
+        return DeepSpeedEngine(model, cfg, runtime.world, bf16=dtype == torch.bfloat16)
+    return TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, t.grad_accum, device, dtype)
+
+
+class _Logger:
+    """Rank 0 writes JSON lines, TensorBoard scalars and a progress bar; the other ranks stay quiet."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, out: Path, start: int, progress: bool):
+        self.main = runtime.is_main
+        self.metrics = MetricsLog(out / "metrics.jsonl") if self.main else None
+        self.tb = None
+        if self.main and cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"pretrain {cfg.pretrain.objective}",
+                        unit="step", disable=not (progress and self.main))
+
+    def step(self, row: dict | None) -> None:
+        self.bar.update(1)
+        if row is None or not self.main:
+            return
+        self.metrics.write(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, row["step"])
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True) -> dict:
+    runtime = runtime or Runtime()
+    out, t = Path(cfg.train.output_dir), cfg.train
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(t.seed)  # same seed everywhere: identical init on every rank
+    tok, loader = data_for(cfg, runtime.rank, runtime.world)
+    model = build_pretrain_model(cfg, tok)
+    device = runtime.device(t.device)
+    target = make_target_encoder(model.encoder).to(device) if model.jepa else None  # before ZeRO partitions
+    engine = _make_engine(model, cfg, runtime, device)
+    ops = LocalOps()
+    if runtime.distributed:
+        from jepa4rec_dist.train.distributed import DistOps
+
+        ops = DistOps()
+    ckpts = Checkpoints(out / "checkpoints", t.keep_last)
+    tag = ckpts.latest()
+    if tag is not None:
+        engine.load_checkpoint(ckpts.folder, tag)
         if target is not None:
-            target.load_state_dict(state["target"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d)", latest, engine.global_steps)
+            target.load_state_dict(torch.load(ckpts.folder / tag / "target.pt", map_location=device))
+        client = ckpts.load_client(tag, runtime.rank)
+        loader.load_state_dict(client["loader"])
+        set_rng_state(client["rng"])
+        if runtime.is_main:
+            log.info("resumed from %s (step %d)", ckpts.folder / tag, engine.global_steps)
     step = engine.global_steps
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"pretrain {cfg.pretrain.objective}", unit="step", disable=not progress)
-    window = {"tokens": 0, "seqs": 0, "t0": time.perf_counter(), "sums": {}, "n": 0}
-    last: dict = {}
+    logger = _Logger(cfg, runtime, out, step, progress)
+    window = _Window()
+    row: dict = {}
     while step < t.max_steps:
         for batch in loader:
             batch = to_device(batch, device)
-            losses = engine(batch, target)
+            losses = engine(batch, target, ops)
             engine.backward(losses["loss"])
-            window["tokens"] += batch_tokens(batch)
-            window["seqs"] += len(batch["keys"])
-            for k, v in losses.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + float(v.detach())
-            window["n"] += 1
+            window.add(batch, losses)
             if not engine.step():
                 continue
             step = engine.global_steps
             momentum = ema_momentum(step, t.max_steps, cfg.pretrain.ema_momentum, cfg.pretrain.ema_momentum_end)
             if target is not None:
-                ema_update(target, model.encoder.parameters(), momentum)
-            bar.update(1)
+                with engine.gathered(model.encoder.parameters()):
+                    ema_update(target, model.encoder.parameters(), momentum)
+            row = None
             if step % t.log_every == 0 or step == t.max_steps:
-                seconds = time.perf_counter() - window["t0"]
-                last = {"step": step, "epoch": loader.epoch, **{k: v / window["n"] for k, v in window["sums"].items()},
-                        "lr": engine.get_lr()[0], "momentum": momentum,
-                        "tokens_per_s": window["tokens"] / seconds, "sequences_per_s": window["seqs"] / seconds}
-                metrics.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                window = {"tokens": 0, "seqs": 0, "t0": time.perf_counter(), "sums": {}, "n": 0}
+                row = window.row(step, loader.epoch, engine.get_lr()[0], momentum, ops, device)
+            logger.step(row)
             if step % t.save_every == 0 or step == t.max_steps:
-                ckpts.save(step, {"engine": engine.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                                  "target": target.state_dict() if target is not None else None, "step": step})
+                _save(engine, ckpts, step, target, loader, runtime)
             if step >= t.max_steps:
                 break
-    bar.close()
-    export = export_model(model, tok, out / "export", step, cfg.pretrain.objective)
-    log.info("pretraining done at step %d; export in %s", step, export)
-    return {"step": step, "export": str(export), "last": last}
+    logger.close()
+    export = out / "export"
+    with engine.gathered(list(model.encoder.parameters()) + list(model.mlm_head.parameters())):
+        if runtime.is_main:
+            export_model(model, tok, export, step, cfg.pretrain.objective)
+    runtime.barrier()
+    if runtime.is_main:
+        log.info("pretraining done at step %d; export in %s", step, export)
+    return {"step": step, "export": str(export), "last": row or {}}
 
 
-__all__ = ["pretrain", "build_pretrain_model", "data_for", "export_model"]
+def _save(engine, ckpts: Checkpoints, step: int, target, loader, runtime: Runtime) -> None:
+    tag = Checkpoints.tag(step)
+    engine.save_checkpoint(ckpts.folder, tag)  # collective under DeepSpeed: every rank calls it
+    ckpts.save_client(tag, runtime.rank, {"loader": loader.state_dict(), "rng": rng_state(), "step": step})
+    if runtime.is_main and target is not None:
+        torch.save(target.state_dict(), ckpts.folder / tag / "target.pt")
+    runtime.barrier()
+    if runtime.is_main:
+        ckpts.mark_complete(tag)
+        ckpts.prune()
+
+
+class _Window:
+    """Loss and throughput accumulators between two log lines (micro-batches averaged)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.seqs, self.n, self.sums, self.t0 = 0, 0, 0, {}, time.perf_counter()
+
+    def add(self, batch: dict, losses: dict) -> None:
+        self.tokens += batch_tokens(batch)
+        self.seqs += len(batch["keys"])
+        self.n += 1
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+
+    def row(self, step: int, epoch: int, lr: float, momentum: float, ops, device) -> dict:
+        seconds = time.perf_counter() - self.t0
+        # losses: mean over ranks (what the optimizer saw); throughput: summed over ranks
+        stats = torch.tensor([self.tokens, self.seqs] + [v / self.n for v in self.sums.values()], dtype=torch.float64)
+        stats = ops.all_reduce_sum(stats.to(device)).cpu()
+        losses = {k: float(v) / ops.world for k, v in zip(self.sums, stats[2:], strict=True)}
+        row = {"step": step, "epoch": epoch, **losses, "lr": lr, "momentum": momentum,
+               "tokens_per_s": float(stats[0]) / seconds, "sequences_per_s": float(stats[1]) / seconds,
+               "peak_memory_bytes": peak_memory_bytes(device), "world": ops.world}
+        self.reset()
+        return row

@@ -54,30 +54,54 @@ class MetricsLog:
 
 
 class Checkpoints:
-    """step-NNNNNNN.pt files in a folder; keeps the newest `keep` of them."""
+    """Tagged checkpoint folders `step-NNNNNNN/` (engine state, target encoder, per-rank client state);
+    keeps the newest `keep`. A folder counts only once its `complete` marker exists, so a crash mid-save
+    never leaves a checkpoint that resume would trust."""
 
     def __init__(self, folder: Path, keep: int):
         self.folder, self.keep = folder, keep
 
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.pt")) if self.folder.is_dir() else []
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step-{step:07d}"
 
-    def latest(self) -> Path | None:
-        paths = self.paths()
-        return paths[-1] if paths else None
+    def tags(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.glob("step-*") if (p / "complete").is_file())
 
-    def save(self, step: int, state: dict) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # never a half-written checkpoint under the final name
-        for old in self.paths()[: -self.keep]:
-            old.unlink()
-        return path
+    def latest(self) -> str | None:
+        tags = self.tags()
+        return tags[-1] if tags else None
 
-    def load(self, path: Path) -> dict:
+    def mark_complete(self, tag: str) -> None:
+        (self.folder / tag / "complete").write_text("ok\n")
+
+    def prune(self) -> None:
+        import shutil
+
+        for tag in self.tags()[: -self.keep]:
+            shutil.rmtree(self.folder / tag, ignore_errors=True)
+
+    def save_client(self, tag: str, rank: int, state: dict) -> None:
+        path = self.folder / tag / f"client-rank{rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+
+    def load_client(self, tag: str, rank: int) -> dict:
+        path = self.folder / tag / f"client-rank{rank}.pt"
+        if not path.is_file():
+            raise ValueError(f"{path}: missing: was this checkpoint written by a run with another number of ranks?")
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a truncated file: say which
-            raise ValueError(f"{path}: unreadable checkpoint ({exc})") from exc
+            raise ValueError(f"{path}: unreadable checkpoint part ({exc})") from exc
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

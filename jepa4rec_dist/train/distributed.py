@@ -1,0 +1,142 @@
+"""Data-parallel plumbing: collectives for the losses, the DeepSpeed config and engine adapter.
+
+- `all_gather_with_grad`: every rank's rows, with a backward that sums the incoming gradient over ranks
+  and hands each rank its own slice. With data-parallel gradient averaging (1/world), this gives exactly
+  the gradient of the mean of the ranks' losses, i.e. the single-process loss on the global batch.
+- `DistOps`: the loss hooks (`gather_with_grad`, `all_reduce_sum`) over torch.distributed.
+- `deepspeed_config`: the DeepSpeed JSON from the typed config: batch size and accumulation live in one
+  place (`loader.batch_size` per rank, `train.grad_accum`), so ZeRO 1/2/3 configs never duplicate numbers.
+- `DeepSpeedEngine`: the calls the training loop makes (`__call__`, `backward`, `step() -> bool`,
+  checkpoints), answered by a real DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from jepa4rec_dist.config import Config
+from jepa4rec_dist.train.engine import linear_schedule
+
+
+def init_process_group(timeout_s: int, cuda: bool) -> None:
+    """Start torch.distributed through DeepSpeed (it reads the launcher's RANK / WORLD_SIZE / MASTER_*).
+    The collective timeout turns a dead peer into an error instead of a hang."""
+    import datetime
+
+    import deepspeed
+
+    # The shared-memory CPU communication op would be compiled at start-up (~100 s on 2 cores): gloo suffices.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank (equal row counts), gradients routed back to their owners."""
+    return _AllGatherWithGrad.apply(x)
+
+
+class DistOps:
+    """Collective hooks of the pretraining loss over the default process group."""
+
+    def __init__(self):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def gather_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return all_gather_with_grad(x), self.rank * x.shape[0]
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+
+def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.loader.batch_size * t.grad_accum * world,
+        "gradient_clipping": t.clip_norm,
+        # torch's AdamW: the same optimizer as the single-process engine; no op build on CPU
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8}},
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # our logger reports; DeepSpeed's own prints stay off
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    return ds
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine behind the interface of `TorchEngine`."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, world: int, bf16: bool):
+        import deepspeed
+
+        t = cfg.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=deepspeed_config(cfg, world, bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(t.warmup_steps, t.max_steps)),
+        )
+        self.module = self.engine.module
+        self.zero_stage = t.zero_stage
+        if self.zero_stage == 3 and getattr(model, "mlm_head", None) is not None:
+            # the MLM decoder is tied to the word embeddings, a parameter of another module: tell ZeRO-3
+            deepspeed.zero.register_external_parameter(model.mlm_head, model.encoder.embeddings.word_embeddings.weight)
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    def get_lr(self) -> list[float]:
+        return self.engine.get_lr()
+
+    def gathered(self, params):
+        """Full tensors of (possibly ZeRO-3-partitioned) parameters inside the block."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def save_checkpoint(self, folder: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(folder), tag=tag)
+
+    def load_checkpoint(self, folder: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=tag)
+        if path is None:
+            raise ValueError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
