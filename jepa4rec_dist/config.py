@@ -230,6 +230,7 @@ class TrainConfig:
     collective_timeout_s: int = 600  # a rank that stops answering fails the job after this, never a hang
     cpu_threads: int | None = None  # torch threads per process on CPU; null = cores // local processes
     tensorboard: bool = True
+    record_keys: bool = False  # each rank writes keys-rank<r>.jsonl: which sequences went into each step
 
     def validate(self, prefix: str) -> None:
         _positive(self.lr, f"{prefix}.lr")

@@ -159,6 +159,10 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         if runtime.is_main:
             log.info("resumed from %s (step %d)", ckpts.folder / tag, engine.global_steps)
     step = engine.global_steps
+    keys_log = MetricsLog(out / f"keys-rank{runtime.rank}.jsonl") if t.record_keys else None
+    for log_file in ((out / "metrics.jsonl") if runtime.is_main else None, keys_log and keys_log.path):
+        if log_file is not None and Path(log_file).is_file():
+            MetricsLog(Path(log_file)).truncate_after(step)
     logger = _Logger(cfg, runtime, out, step, progress)
     window = _Window()
     row: dict = {}
@@ -168,6 +172,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
             losses = engine(batch, target, ops)
             engine.backward(losses["loss"])
             window.add(batch, losses)
+            if keys_log is not None:
+                keys_log.write({"step": engine.global_steps + 1, "keys": batch["keys"]})
             if not engine.step():
                 continue
             step = engine.global_steps

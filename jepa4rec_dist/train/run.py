@@ -47,6 +47,11 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines a killed run wrote after the checkpoint it resumes from."""
+        rows = [r for r in self.read() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     def read(self) -> list[dict]:
         if not self.path.is_file():
             return []

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module exposes run(ctx) -> Iterator[dict] (and optionally plot(rows, path))."""

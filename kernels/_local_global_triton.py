@@ -1,0 +1,370 @@
+"""Triton kernels for local-global (Longformer-style) attention, forward and backward.
+
+Private module: the public entry point is `kernels.local_global_attention.local_global_attention(...,
+backend="triton")`, which validates inputs and builds the global-index tensors used here.
+
+Pattern. Query i sees key j iff key j is not padding and (|i - j| <= w or i is global or j is global).
+We split the visible pairs into three disjoint sets so that nothing is counted twice:
+
+    S1  i not global, |i - j| <= w            the band (a global key inside the band is counted here)
+    S2  i not global, j global, |i - j| > w   global keys outside the band
+    S3  i global, any j                       global query rows: dense, but few rows
+
+Forward ("row" kernel, one program per block of query rows):
+  band mode    : loop over the key blocks the band of this query block touches (S1), then over the
+                 compact list of global keys of this batch row with |i - j| > w (S2). Cost O(L (w + G)).
+  global mode  : one program per chunk of global query rows, loop over every key block (S3).
+                 Launched after the band pass; it overwrites the rows the band pass wrote for them.
+  Online softmax in base 2; the log-sum-exp (base 2) is saved for the backward.
+Backward (FlashAttention-2 style recompute, delta = rowsum(dO * O) precomputed in torch):
+  dQ : the same row kernel shape as the forward (band mode then global mode, overwriting).
+  dK, dV ("col" kernel, one program per block of keys):
+       band mode   : loop over the query blocks whose band touches this key block, non-global rows only
+                     (S1), then over the compact list of global query rows (S3).
+       global mode : one program per chunk of global keys, loop over every query block, non-global rows
+                     with |i - j| > w (S2); adds onto what the band mode wrote (same stream: ordered).
+Everything is linear in L: memory O(B H L D), work O(B H L (w + G) D).
+
+Trade-offs and numerics:
+  * fp32 accumulation everywhere; P and dS are cast to the input dtype before their matmuls, as in
+    FlashAttention (bf16/fp16 error ~1e-2 relative). fp32 inputs use tf32x3 dots on CUDA (about fp32
+    accuracy on tensor cores), IEEE dots under the interpreter; never plain TF32.
+  * Masked scores are -inf while the running max starts at -1e30 (finite), so a fully masked tile never
+    produces inf - inf; a row with no visible key ends with l = 0 and is written as zeros, its lse as
+    +1e30 so the backward's exp2(s - lse) is exactly 0 for it.
+  * The grid of the global passes is sized by L (not by the number of global tokens) so that no
+    device->host sync is needed; programs past the count exit after one scalar load.
+  * Global passes are "skinny" (few rows x L keys, serial over L in one program): fine for the CLS
+    token, but with many global tokens and long L they would deserve a split-K; not done.
+  * Block sizes are fixed heuristics (no autotuning yet): tune on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_common import dot as _dot
+from kernels._triton_common import dot_precision, needs_upcast
+
+_LOG2E = 1.4426950408889634
+_EMPTY_LSE = tl.constexpr(1.0e30)  # lse of a row that sees nothing: exp2(s - lse) == 0 in the backward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _band_range(start, L, window, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    """Range [lo, hi) of the other axis that a block [start, start + BLOCK_SELF) touches in the band."""
+    lo = tl.maximum(start - window, 0)
+    lo = (lo // BLOCK_OTHER) * BLOCK_OTHER  # align so tiles start on block boundaries
+    hi = tl.minimum(start + BLOCK_SELF + window, L)
+    return lo, hi
+
+
+@triton.jit
+def _load_rows(PTR, base, idx, ok, offs_d, HEAD_DIM: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    return tl.load(PTR + base + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, base, idx, ok, offs_d, value, HEAD_DIM: tl.constexpr):
+    d_ok = offs_d < HEAD_DIM
+    ptrs = PTR + base + idx[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ptrs, value.to(PTR.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _not_padding(KPAD, b, L, idx, in_range):
+    return in_range & (tl.load(KPAD + b * L + idx, mask=in_range, other=1) == 0)
+
+
+@triton.jit
+def _in_band(rows, cols, window):
+    dist = rows[:, None] - cols[None, :]
+    return (dist <= window) & (dist >= -window)
+
+
+@triton.jit
+def _fwd_tile(q, k, v, mask, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # masked entries: exp2(-inf) = 0
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_tile(q, do, lse, delta, k, v, mask, dq, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), PREC, UPCAST)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, PREC, UPCAST)
+
+
+@triton.jit
+def _dkdv_tile(q, do, lse, delta, k, v, mask, dk, dv, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+    dp = _dot(do, tl.trans(v), PREC, UPCAST)
+    ds = p * (dp - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+    return dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _row_kernel(
+    Q, K, V, OUT, DO, LSE, DELTA, KPAD, GIDX, GCNT,
+    L, window, qk_scale, out_scale,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    GLOBAL_ROWS: tl.constexpr, BACKWARD: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Forward (OUT, LSE) or dQ (written to OUT) for one block of query rows.
+
+    BACKWARD=False: OUT <- attention output, LSE <- base-2 log-sum-exp.  BACKWARD=True: OUT <- dQ.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * L * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    n_glob = tl.load(GCNT + b)
+
+    if GLOBAL_ROWS:
+        slot = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = slot < n_glob
+        rows = tl.load(GIDX + b * L + slot, mask=row_ok, other=0)
+        store_ok = row_ok
+        lo = 0
+        hi = tl.where(pid * BLOCK_M < n_glob, L, 0)  # past the count: no work
+    else:
+        start = pid * BLOCK_M
+        rows = start + tl.arange(0, BLOCK_M)
+        store_ok = rows < L  # every in-range row is written (padding rows as zeros)
+        row_ok = _not_padding(KPAD, b, L, rows, store_ok)
+        lo, hi = _band_range(start, L, window, BLOCK_M, BLOCK_N)
+
+    q = _load_rows(Q, base, rows, row_ok, offs_d, HEAD_DIM)
+    if BACKWARD:
+        do = _load_rows(DO, base, rows, row_ok, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # --- contiguous key blocks: the band (S1), or every key (S3) ---
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_in = cols < L
+        mask = row_ok[:, None] & _not_padding(KPAD, b, L, cols, col_in)[None, :]
+        if not GLOBAL_ROWS:
+            # only edge tiles pay for the band test; tiles wholly inside the band skip it
+            inside = (start + BLOCK_M - 1 - n0 <= window) & (n0 + BLOCK_N - 1 - start <= window)
+            if not inside:
+                mask = mask & _in_band(rows, cols, window)
+        k = _load_rows(K, base, cols, col_in, offs_d, HEAD_DIM)
+        v = _load_rows(V, base, cols, col_in, offs_d, HEAD_DIM)
+        if BACKWARD:
+            acc = _dq_tile(q, do, lse, delta, k, v, mask, acc, qk_scale, PREC, UPCAST)
+        else:
+            m_i, l_i, acc = _fwd_tile(q, k, v, mask, m_i, l_i, acc, qk_scale, PREC, UPCAST)
+
+    # --- global keys outside the band (S2); in-band ones were counted above ---
+    if not GLOBAL_ROWS:
+        for g0 in range(0, n_glob, BLOCK_G):
+            slot = g0 + tl.arange(0, BLOCK_G)
+            g_ok = slot < n_glob
+            cols = tl.load(GIDX + b * L + slot, mask=g_ok, other=0)
+            mask = row_ok[:, None] & g_ok[None, :] & (~_in_band(rows, cols, window))
+            k = _load_rows(K, base, cols, g_ok, offs_d, HEAD_DIM)
+            v = _load_rows(V, base, cols, g_ok, offs_d, HEAD_DIM)
+            if BACKWARD:
+                acc = _dq_tile(q, do, lse, delta, k, v, mask, acc, qk_scale, PREC, UPCAST)
+            else:
+                m_i, l_i, acc = _fwd_tile(q, k, v, mask, m_i, l_i, acc, qk_scale, PREC, UPCAST)
+
+    if BACKWARD:
+        _store_rows(OUT, base, rows, store_ok, offs_d, acc * out_scale, HEAD_DIM)
+    else:
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        _store_rows(OUT, base, rows, store_ok, offs_d, acc / l_safe[:, None], HEAD_DIM)
+        lse = tl.where(seen, m_i + tl.log2(l_safe), _EMPTY_LSE)
+        tl.store(LSE + bh * L + rows, lse, mask=store_ok)
+
+
+@triton.jit
+def _col_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPAD, GMASK, GIDX, GCNT,
+    L, window, qk_scale, sm_scale,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    GLOBAL_COLS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dK, dV for one block of keys (band mode) or one chunk of global keys (global mode, accumulates)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * L * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    n_glob = tl.load(GCNT + b)
+
+    if GLOBAL_COLS:
+        slot = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = slot < n_glob
+        cols = tl.load(GIDX + b * L + slot, mask=col_ok, other=0)
+        store_ok = col_ok
+        lo = 0
+        hi = tl.where(pid * BLOCK_N < n_glob, L, 0)
+    else:
+        start = pid * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
+        store_ok = cols < L
+        col_ok = _not_padding(KPAD, b, L, cols, store_ok)
+        lo, hi = _band_range(start, L, window, BLOCK_N, BLOCK_M)
+
+    k = _load_rows(K, base, cols, col_ok, offs_d, HEAD_DIM)
+    v = _load_rows(V, base, cols, col_ok, offs_d, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # --- contiguous query blocks, non-global rows: band (S1) or off-band vs global keys (S2) ---
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_in = rows < L
+        row_ok = _not_padding(KPAD, b, L, rows, row_in)
+        row_ok = row_ok & (tl.load(GMASK + b * L + rows, mask=row_in, other=1) == 0)
+        band = _in_band(rows, cols, window)
+        if GLOBAL_COLS:
+            band = ~band
+        mask = row_ok[:, None] & col_ok[None, :] & band
+        q = _load_rows(Q, base, rows, row_ok, offs_d, HEAD_DIM)
+        do = _load_rows(DO, base, rows, row_ok, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+        dk, dv = _dkdv_tile(q, do, lse, delta, k, v, mask, dk, dv, qk_scale, PREC, UPCAST)
+
+    # --- global query rows against this key block (S3) ---
+    if not GLOBAL_COLS:
+        for g0 in range(0, n_glob, BLOCK_G):
+            slot = g0 + tl.arange(0, BLOCK_G)
+            g_ok = slot < n_glob
+            rows = tl.load(GIDX + b * L + slot, mask=g_ok, other=0)
+            mask = g_ok[:, None] & col_ok[None, :]
+            q = _load_rows(Q, base, rows, g_ok, offs_d, HEAD_DIM)
+            do = _load_rows(DO, base, rows, g_ok, offs_d, HEAD_DIM)
+            lse = tl.load(LSE + bh * L + rows, mask=g_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + rows, mask=g_ok, other=0.0)
+            dk, dv = _dkdv_tile(q, do, lse, delta, k, v, mask, dk, dv, qk_scale, PREC, UPCAST)
+
+    dk = dk * sm_scale
+    if GLOBAL_COLS:  # S2 adds onto the band-mode result of the same rows (earlier launch, same stream)
+        dk += _load_rows(DK, base, cols, store_ok, offs_d, HEAD_DIM).to(tl.float32)
+        dv += _load_rows(DV, base, cols, store_ok, offs_d, HEAD_DIM).to(tl.float32)
+    _store_rows(DK, base, cols, store_ok, offs_d, dk, HEAD_DIM)
+    _store_rows(DV, base, cols, store_ok, offs_d, dv, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes per kernel. Heuristics, not autotuned: chosen so that the bf16/fp16 kernels compile for
+    sm_90 without register spills (checked with ptxas: row 64x64 / 64x32 at 4 warps, col 32x64 at 8 warps).
+    fp32 (tf32x3 dots) still spills a little; it is the accuracy path, not the fast one."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":  # interpreter: small tiles so tests exercise several blocks quickly
+        tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_D=block_d, BLOCK_G=16, row=tiles, col=tiles, prec=dot_precision(dtype, device),
+                    upcast=needs_upcast(dtype, device))
+    if dtype == torch.float32:
+        row = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        col = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
+    else:
+        row = dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, num_warps=4, num_stages=2)
+        col = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+    # fp32: tf32x3 ("ieee" spills badly and runs on FMA units)
+    return dict(BLOCK_D=block_d, BLOCK_G=16, row=row, col=col, prec=dot_precision(dtype, device), upcast=False)
+
+
+def _launch_args(q: torch.Tensor, window: int) -> tuple[dict, dict]:
+    batch, heads, length, head_dim = q.shape
+    cfg = _config(head_dim, q.dtype, q.device)
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    common = dict(L=length, window=min(window, length), qk_scale=sm_scale * _LOG2E, H=heads,
+                  HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"],
+                  PREC=cfg["prec"], UPCAST=cfg["upcast"])
+    return cfg, dict(common=common, sm_scale=sm_scale, grid_bh=batch * heads, length=length)
+
+
+def attention_forward(q, k, v, window, kpad, gmask, gidx, gcnt):
+    """Returns (out, lse_base2). q, k, v contiguous (B, H, L, D); masks int8 (B, L); gidx int32 (B, L)."""
+    cfg, a = _launch_args(q, window)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    args = (q, k, v, out, out, lse, lse, kpad, gidx, gcnt)  # DO/DELTA slots unused in the forward
+    row, length, bg = cfg["row"], a["length"], cfg["BLOCK_G"]
+    _row_kernel[(triton.cdiv(length, row["BLOCK_M"]), a["grid_bh"])](
+        *args, out_scale=1.0, GLOBAL_ROWS=False, BACKWARD=False, **row, **a["common"])
+    # global query rows: launched second, overwrites the band result of those rows
+    _row_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+        *args, out_scale=1.0, GLOBAL_ROWS=True, BACKWARD=False, **dict(row, BLOCK_M=bg), **a["common"])
+    return out, lse
+
+
+def attention_backward(q, k, v, out, lse, dout, window, kpad, gmask, gidx, gcnt):
+    """Returns (dq, dk, dv) in the input dtype."""
+    cfg, a = _launch_args(q, window)
+    # delta_i = rowsum(dO_i * O_i) in fp32 (O is the normalised output); linear memory
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    row, col, length, bg = cfg["row"], cfg["col"], a["length"], cfg["BLOCK_G"]
+    row_args = (q, k, v, dq, dout, lse, delta, kpad, gidx, gcnt)
+    _row_kernel[(triton.cdiv(length, row["BLOCK_M"]), a["grid_bh"])](
+        *row_args, out_scale=a["sm_scale"], GLOBAL_ROWS=False, BACKWARD=True, **row, **a["common"])
+    _row_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+        *row_args, out_scale=a["sm_scale"], GLOBAL_ROWS=True, BACKWARD=True, **dict(row, BLOCK_M=bg),
+        **a["common"])
+    col_args = (q, k, v, dout, lse, delta, dk, dv, kpad, gmask, gidx, gcnt)
+    _col_kernel[(triton.cdiv(length, col["BLOCK_N"]), a["grid_bh"])](
+        *col_args, sm_scale=a["sm_scale"], GLOBAL_COLS=False, **col, **a["common"])
+    # global keys outside the band: launched second, adds onto the band result of those keys
+    _col_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+        *col_args, sm_scale=a["sm_scale"], GLOBAL_COLS=True, **dict(col, BLOCK_N=bg), **a["common"])
+    return dq, dk, dv
+
+
+class LocalGlobalAttentionFn(torch.autograd.Function):
+    """autograd wrapper: saves (q, k, v, out, lse) and recomputes the probabilities in the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, kpad, gmask, gidx, gcnt):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = attention_forward(q, k, v, window, kpad, gmask, gidx, gcnt)
+        ctx.save_for_backward(q, k, v, out, lse, kpad, gmask, gidx, gcnt)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, kpad, gmask, gidx, gcnt = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, out, lse, dout.contiguous(), ctx.window,
+                                        kpad, gmask, gidx, gcnt)
+        return dq, dk, dv, None, None, None, None, None

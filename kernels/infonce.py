@@ -1,0 +1,166 @@
+"""InfoNCE / full-softmax contrastive loss without the N x M logit matrix in memory.
+
+    logits_ij = (q_i . k_j) / temperature      (q, k L2-normalised first when normalize=True)
+    loss_i    = logsumexp_j(logits_ij) - logits_{i, target_i}
+
+targets=None means the diagonal (i -> i, needs N <= M): the in-batch contrastive loss of pretraining,
+where keys are the all-gathered next items (they need grad). A LongTensor of indices into keys is the
+full item-table softmax of finetuning (keys = the frozen item table, requires_grad False: dK is skipped).
+
+Backends (an explicit request that cannot run raises; it never falls back):
+  reference  plain torch, fp32 logits: the oracle. Memory N x M fp32 (and again for the backward).
+  chunked    plain torch over query chunks of C rows: the forward keeps only lse (C x M at a time), the
+             backward recomputes each chunk's logits (checkpoint style). cuBLAS matmuls, memory C x M.
+  triton     kernels/_infonce_triton.py: online log-sum-exp over key tiles, gradients by tile recompute;
+             memory O((N + M) d). On CPU only under TRITON_INTERPRET=1 (tests).
+  auto       triton on CUDA, reference on CPU.
+
+Design choice for `triton`: backward recomputes the logits tile by tile from the saved lse rather than
+computing gradients inside the forward (Liger style). Both need the same passes here (lse first, then dQ
+and dK: dK sums over queries and dQ over keys, so one pass cannot produce both without atomics), so the
+fused-forward trick saves nothing, while recompute (a) accepts any upstream gradient, hence
+reduction="none" and loss weighting work, (b) costs nothing when no backward follows (evaluation), and
+(c) keeps no N x d / M x d gradient buffers alive between forward and backward.
+Normalisation is done in torch (fp32 math, cast back) and differentiated by autograd: it is O((N + M) d)
+and not worth fusing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["infonce_loss", "available_backends", "BACKENDS"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK_ELEMENTS = 2**25  # chunked backend: C x M fp32 logits per chunk (128 MiB)
+
+
+def _check(queries, keys, targets, temperature, reduction):
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (rows, dim), got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries and keys must share the last dim, got {queries.shape[1]} and {keys.shape[1]}")
+    if queries.dtype != keys.dtype:
+        raise ValueError(f"queries and keys must share one dtype, got {queries.dtype} and {keys.dtype}")
+    if queries.device != keys.device:
+        raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    n_rows, n_keys = queries.shape[0], keys.shape[0]
+    if targets is None:
+        if n_rows > n_keys:
+            raise ValueError(f"targets=None means the diagonal and needs N <= M, got N={n_rows}, M={n_keys}")
+        return
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long or targets.shape != (n_rows,):
+        raise ValueError(f"targets must be a LongTensor of shape ({n_rows},), got "
+                         f"{getattr(targets, 'dtype', type(targets))} {tuple(getattr(targets, 'shape', ()))}")
+    if targets.device != queries.device:
+        raise ValueError(f"targets on {targets.device} but queries on {queries.device}")
+    lo, hi = int(targets.min()), int(targets.max())  # sync point: one per call
+    if lo < 0 or hi >= n_keys:
+        raise ValueError(f"targets must index keys in [0, {n_keys}), got values in [{lo}, {hi}]")
+
+
+def _normalize(x):
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backends: each maps (q, k, targets, inv_temp) -> per-row losses, fp32 (N,)
+# ---------------------------------------------------------------------------------------------------------
+def _reference(q, k, targets, inv_temp):
+    logits = (q.float() @ k.float().T) * inv_temp
+    return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+
+
+class _ChunkedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, targets, inv_temp, chunk):
+        kf = k.float()
+        lse = torch.cat([torch.logsumexp((q[i:i + chunk].float() @ kf.T) * inv_temp, -1)
+                         for i in range(0, q.shape[0], chunk)])
+        target_logit = (q.float() * k[targets].float()).sum(-1) * inv_temp
+        ctx.save_for_backward(q, k, targets, lse)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        q, k, targets, lse = ctx.saved_tensors
+        inv_temp, chunk = ctx.inv_temp, ctx.chunk
+        kf, grad_loss = k.float(), grad_loss.float()
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, q.shape[0], chunk):
+            qc = q[i:i + chunk].float()
+            # d loss_r / d logits_rj = softmax_rj - [j == t_r], times the upstream weight of row r
+            g = torch.exp((qc @ kf.T) * inv_temp - lse[i:i + chunk, None])
+            rows = torch.arange(g.shape[0], device=g.device)
+            g[rows, targets[i:i + chunk]] -= 1.0
+            g *= grad_loss[i:i + chunk, None] * inv_temp
+            dq[i:i + chunk] = g @ kf
+            if dk is not None:
+                dk += g.T @ qc
+        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None
+
+
+def _chunked(q, k, targets, inv_temp):
+    chunk = max(1, _CHUNK_ELEMENTS // k.shape[0])
+    return _ChunkedFn.apply(q, k, targets, inv_temp, chunk)
+
+
+def _triton(q, k, targets, inv_temp, splits=None):
+    from kernels._infonce_triton import InfoNCEFn
+
+    return InfoNCEFn.apply(q, k, targets, inv_temp, splits)
+
+
+def _triton_unavailable(device):
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return ("triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
+            f"to run on the CPU interpreter (got device {device.type!r})")
+
+
+BACKENDS = {
+    "reference": (_reference, lambda device: None),
+    "chunked": (_chunked, lambda device: None),
+    "triton": (_triton, _triton_unavailable),
+}
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [name for name, (_, why) in BACKENDS.items() if why(device) is None]
+
+
+def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=True, backend="auto",
+                 reduction="mean"):
+    """InfoNCE with softmax over all keys. queries (N, d), keys (M, d); returns an fp32 scalar
+    (reduction 'mean' / 'sum') or (N,) per-row losses (reduction 'none')."""
+    _check(queries, keys, targets, temperature, reduction)
+    if backend == "auto":
+        backend = "triton" if queries.device.type == "cuda" else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown infonce backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+    fn, why = BACKENDS[backend]
+    reason = why(queries.device)
+    if reason is not None:
+        raise RuntimeError(f"infonce backend {backend!r} cannot run here: {reason}")
+    if targets is None:
+        targets = torch.arange(queries.shape[0], device=queries.device)
+    q, k = (_normalize(queries), _normalize(keys)) if normalize else (queries, keys)
+    losses = fn(q, k, targets, 1.0 / float(temperature))
+    if reduction == "mean":
+        return losses.mean()
+    return losses.sum() if reduction == "sum" else losses

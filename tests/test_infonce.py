@@ -1,0 +1,172 @@
+"""Tests of kernels/infonce.py: the triton and chunked backends against the fp32 reference, the loss and
+the gradients to queries and keys, for diagonal and explicit targets. Triton runs on the CPU interpreter."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import infonce as infonce_module
+from kernels import infonce_loss
+from kernels.infonce import _triton, available_backends
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
+
+
+def _run(queries, keys, targets, backend, upcast=False, grad_keys=True, **kw):
+    """(loss, dq, dk or None) as fp32; upcast=True runs on fp32 copies (the oracle)."""
+    q, k = queries.clone(), keys.clone()
+    if upcast:
+        q, k = q.float(), k.float()
+    q.requires_grad_(True)
+    k.requires_grad_(grad_keys)
+    loss = infonce_loss(q, k, targets, backend=backend, **kw)
+    assert loss.dtype == torch.float32
+    upstream = torch.linspace(-1.0, 2.0, loss.numel()).reshape(loss.shape)  # non-uniform for reduction="none"
+    loss.backward(upstream)
+    return loss.detach(), q.grad.float(), (k.grad.float() if grad_keys else None)
+
+
+def _compare(backend, n_rows, n_keys, dim, explicit_targets, dtype=torch.float32, grad_keys=True, seed=0,
+             **kw):
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(n_rows, dim, generator=gen).to(dtype)
+    keys = torch.randn(n_keys, dim, generator=gen).to(dtype)
+    targets = torch.randint(0, n_keys, (n_rows,), generator=gen) if explicit_targets else None
+    expected = _run(queries, keys, targets, "reference", upcast=True, grad_keys=grad_keys, **kw)
+    actual = _run(queries, keys, targets, backend, grad_keys=grad_keys, **kw)
+    atol, rtol = TOL[dtype]
+    for name, a, e in zip(("loss", "dq", "dk"), actual, expected):
+        if e is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all()
+        # loss values scale with 1/temperature: compare relative to the largest value
+        scale = max(1.0, e.abs().max().item()) if name == "loss" else 1.0
+        torch.testing.assert_close(a, e, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{backend} {n}: {m}")
+
+
+# (N, M, d, explicit targets, extra kwargs)
+CASES = {
+    "diag_square": (5, 5, 16, False, dict()),
+    "diag_more_keys": (7, 37, 32, False, dict(reduction="sum")),
+    "table_no_normalize": (17, 37, 48, True, dict(normalize=False, temperature=1.0, reduction="none")),
+    "table_odd_dim_frozen_keys": (8, 40, 100, True, dict(temperature=0.1, grad_keys=False)),
+    "single_row": (1, 1, 16, False, dict()),
+    "tau_0.01": (6, 19, 32, True, dict(temperature=0.01)),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp32_matches_reference(name, backend):
+    n_rows, n_keys, dim, explicit, kw = CASES[name]
+    _compare(backend, n_rows, n_keys, dim, explicit, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_reference(dtype):
+    _compare("triton", 9, 33, 64, True, dtype=dtype, seed=1)
+    _compare("triton", 9, 33, 32, False, dtype=dtype, seed=2, reduction="sum")
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_triton_key_splits_merge(monkeypatch, splits):
+    # force several key splits (on CUDA they are chosen from the SM count): partial lse / dQ merging
+    monkeypatch.setitem(infonce_module.BACKENDS, "triton",
+                        (lambda *a: _triton(*a, splits=splits), infonce_module.BACKENDS["triton"][1]))
+    _compare("triton", 17, 53, 32, True, seed=3)
+
+
+def test_chunked_with_several_chunks(monkeypatch):
+    monkeypatch.setattr(infonce_module, "_CHUNK_ELEMENTS", 4 * 29)  # 4 query rows per chunk
+    _compare("chunked", 11, 29, 16, True, seed=4, reduction="none")
+
+
+def test_hand_computed_value():
+    # q = (1, 0), keys (1, 0) and (0, 1), tau = 1: logits (1, 0), loss = log(e + 1) - 1
+    q = torch.tensor([[3.0, 0.0]])  # normalised to (1, 0)
+    k = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    expected = math.log(math.e + 1.0) - 1.0
+    for backend in ("reference", "chunked", "triton"):
+        loss = infonce_loss(q, k, temperature=1.0, backend=backend)
+        assert abs(loss.item() - expected) < 1e-6, backend
+    # d loss / d logit_0 = softmax_0 - 1 = -1 / (e + 1); without normalisation dq = that * k_0 + softmax_1 * k_1
+    q_raw = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    infonce_loss(q_raw, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), temperature=1.0, normalize=False,
+                 backend="triton").backward()
+    soft = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    torch.testing.assert_close(q_raw.grad[0], torch.stack([soft[0] - 1.0, soft[1]]))
+
+
+def test_temperature_and_normalize_change_the_loss():
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(4, 16, generator=gen), torch.randn(6, 16, generator=gen)
+    base = infonce_loss(q, k, backend="triton")
+    assert not torch.isclose(base, infonce_loss(q, k, temperature=0.5, backend="triton"))
+    assert not torch.isclose(base, infonce_loss(q, k, normalize=False, backend="triton"))
+    # normalisation makes the loss invariant to the scale of the inputs
+    torch.testing.assert_close(base, infonce_loss(3.0 * q, 0.5 * k, backend="triton"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(queries=torch.randn(6, 8), keys=torch.randn(5, 8)), "N <= M"),
+    (dict(targets=torch.tensor([0, 1, 9])), r"\[0, 5\)"),
+    (dict(targets=torch.tensor([0, 1, 2], dtype=torch.int32)), "LongTensor"),
+    (dict(keys=torch.randn(5, 7)), "last dim"),
+    (dict(queries=torch.randn(3, 8, 1)), "2-D"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(backend="cuda_magic"), "unknown infonce backend"),
+    (dict(keys=torch.randn(5, 8, dtype=torch.float16)), "dtype"),
+])
+def test_bad_inputs_raise_value_error(kwargs, match):
+    args = dict(queries=torch.randn(3, 8), keys=torch.randn(5, 8), targets=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        infonce_loss(args.pop("queries"), args.pop("keys"), args.pop("targets"), **args)
+
+
+def test_backend_availability(monkeypatch):
+    assert {"reference", "chunked", "triton"} <= set(available_backends("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "triton" not in available_backends("cpu")
+    with pytest.raises(RuntimeError, match="triton"):
+        infonce_loss(torch.randn(3, 8), torch.randn(5, 8), backend="triton")
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
+    from kernels import _infonce_triton as m
+    from kernels._triton_common import compile_for_gpu
+    types = dict(N="i32", M="i32", d="i32", keys_per_split="i32", scale="fp32", out_scale="fp32",
+                 M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", DQ_PART="*fp32")
+    for tdt, dt, dim in [(torch.bfloat16, "bf16", 768), (torch.float32, "fp32", 64)]:
+        cfg = m._config(dim, tdt, torch.device("cuda"))
+        types.update(Q="*" + dt, K="*" + dt, DK="*" + dt)
+        c = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREC=cfg["prec"], UPCAST=False)
+        for name, fn, extra in [("lse", m._lse_kernel, {}), ("dq", m._dq_kernel, dict(BLOCK_DV=cfg["BLOCK_DV"])),
+                                ("dk", m._dk_kernel, dict(BLOCK_DV=cfg["BLOCK_DV"]))]:
+            r = compile_for_gpu(fn, types, dict(c, **extra), cfg["num_warps"], cfg["num_stages"])
+            print(name, dt, dim, r["registers"], r["spill_bytes"])
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert len(rows) == 6
+    assert all(row[-1] == "0" for row in rows if row[1] == "bf16"), rows
