@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+from jepa4rec_dist.baselines.graph import GraphConfig
+from jepa4rec_dist.baselines.sasrec import SASRecConfig
+
 # --------------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------------
@@ -231,6 +234,7 @@ class TrainConfig:
     cpu_threads: int | None = None  # torch threads per process on CPU; null = cores // local processes
     tensorboard: bool = True
     record_keys: bool = False  # each rank writes keys-rank<r>.jsonl: which sequences went into each step
+    eval_at_end: str | None = None  # "valid" / "test": zero-shot metrics of the live final model, logged
 
     def validate(self, prefix: str) -> None:
         _positive(self.lr, f"{prefix}.lr")
@@ -246,6 +250,8 @@ class TrainConfig:
         _positive(self.collective_timeout_s, f"{prefix}.collective_timeout_s")
         if self.cpu_threads is not None:
             _positive(self.cpu_threads, f"{prefix}.cpu_threads")
+        if self.eval_at_end not in (None, "valid", "test"):
+            raise ValueError(f"{prefix}.eval_at_end: must be null, 'valid' or 'test', got {self.eval_at_end!r}")
 
 
 @dataclass
@@ -290,6 +296,14 @@ class EvalConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """Baselines evaluated through the same harness (`jepa4rec evaluate --baselines ...`)."""
+
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+
+
+@dataclass
 class LoaderConfig:
     """The streaming loader over the shards."""
 
@@ -328,6 +342,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -418,7 +433,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own __post_init__ check: say where the section sits
+        raise ValueError(f"{prefix or 'config'}: {exc}") from exc
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -63,4 +63,29 @@ def next_item_loader(root: str | Path, split: str, batch_size: int = 256, num_wo
     return ShardLoader(root, split, cfg, collator, shuffle=False)
 
 
-__all__ = ["check_records", "check_histories", "next_item_loader"]
+def build_baseline(name: str, cfg, progress: bool = True):
+    """A fitted baseline scorer by name, trained on the dataset at `cfg.data.out_dir` (the `Config`)."""
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.shards import iter_records
+
+    root = Path(cfg.data.out_dir)
+    num_items = ItemTable.load(root).num_items
+    if name == "popularity":
+        from jepa4rec_dist.baselines.popularity import PopularityScorer
+
+        return PopularityScorer(num_items).fit(iter_records(root, "train"))
+    if name == "sasrec":
+        from jepa4rec_dist.baselines.sasrec import SASRecScorer
+
+        valid = next_item_loader(root, "valid", cfg.eval.batch_size, 0)  # early stopping on valid NDCG@10
+        return SASRecScorer(num_items, cfg.baselines.sasrec).fit(iter_records(root, "train"), valid, progress)
+    if name == "graph":
+        from jepa4rec_dist.baselines.graph import GraphScorer
+        from jepa4rec_dist.baselines.text_embed import item_text_embeddings
+
+        emb = item_text_embeddings(root, progress=progress)
+        return GraphScorer(num_items, emb, cfg.baselines.graph).fit(iter_records(root, "train"))
+    raise ValueError(f"unknown baseline {name!r} (known: popularity, sasrec, graph)")
+
+
+__all__ = ["check_records", "check_histories", "next_item_loader", "build_baseline"]

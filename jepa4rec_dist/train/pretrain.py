@@ -173,7 +173,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
             engine.backward(losses["loss"])
             window.add(batch, losses)
             if keys_log is not None:
-                keys_log.write({"step": engine.global_steps + 1, "keys": batch["keys"]})
+                keys_log.write({"step": engine.global_steps + 1, "epoch": loader.epoch, "keys": batch["keys"]})
             if not engine.step():
                 continue
             step = engine.global_steps
@@ -191,13 +191,38 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
                 break
     logger.close()
     export = out / "export"
+    zero_shot, live = None, None
     with engine.gathered(list(model.encoder.parameters()) + list(model.mlm_head.parameters())):
         if runtime.is_main:
             export_model(model, tok, export, step, cfg.pretrain.objective)
+            if t.eval_at_end:  # copy the final weights out of the engine (ZeRO-3 hooks must not see the eval)
+                live = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    if live is not None:
+        from jepa4rec_dist.model.encoder import Encoder
+
+        final = Encoder(model.encoder.cfg, model.encoder.pad_id)
+        final.load_state_dict(live)
+        zero_shot = _zero_shot(cfg, final.to(device), tok, device, t.eval_at_end, progress)
+        MetricsLog(out / "metrics.jsonl").write({"step": step, f"zero_shot_{t.eval_at_end}": zero_shot})
     runtime.barrier()
     if runtime.is_main:
         log.info("pretraining done at step %d; export in %s", step, export)
-    return {"step": step, "export": str(export), "last": row or {}}
+    return {"step": step, "export": str(export), "last": row or {}, "zero_shot": zero_shot}
+
+
+def _zero_shot(cfg: Config, encoder, tok: TokenizerInfo, device, split: str, progress: bool) -> dict:
+    """The live model's zero-shot metrics (its own item table), on rank 0."""
+    from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
+    from jepa4rec_dist.train.finetune import run_eval
+
+    root = Path(cfg.data.out_dir)
+    table = ItemTable.load(root)
+    was_training = encoder.training
+    items = encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress)
+    scorer = EncoderScorer(encoder, items, cfg.finetune.temperature, device, name="pretrained (live)")
+    metrics = run_eval(cfg, scorer, root, tok, table, split, progress).metrics
+    encoder.train(was_training)
+    return metrics
 
 
 def _save(engine, ckpts: Checkpoints, step: int, target, loader, runtime: Runtime) -> None:
