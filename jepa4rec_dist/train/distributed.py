@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
+def broadcast_value(value, src: int = 0):
+    """A picklable value from `src` to every rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank (equal row counts), gradients routed back to their owners."""
     return _AllGatherWithGrad.apply(x)
@@ -69,22 +79,41 @@ class DistOps:
         return x
 
 
-def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
-    t = cfg.train
+@dataclass
+class OptimSpec:
+    """What one engine optimises with. Pretraining takes it from `train`, finetuning from `finetune`."""
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+    clip_norm: float
+    micro_batch: int  # per rank
+    grad_accum: int
+    zero_stage: int
+
+    @classmethod
+    def pretraining(cls, cfg: Config) -> OptimSpec:
+        t = cfg.train
+        return cls(t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, cfg.loader.batch_size,
+                   t.grad_accum, t.zero_stage)
+
+
+def deepspeed_config(spec: OptimSpec, world: int, bf16: bool) -> dict:
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": cfg.loader.batch_size * t.grad_accum * world,
-        "gradient_clipping": t.clip_norm,
+        "train_micro_batch_size_per_gpu": spec.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "train_batch_size": spec.micro_batch * spec.grad_accum * world,
+        "gradient_clipping": spec.clip_norm,
         # torch's AdamW: the same optimizer as the single-process engine; no op build on CPU
-        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True,
+        "optimizer": {"type": "AdamW", "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "torch_adam": True,
                                                   "betas": [0.9, 0.999], "eps": 1e-8}},
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # our logger reports; DeepSpeed's own prints stay off
         "wall_clock_breakdown": False,
     }
-    if t.zero_stage == 3:
+    if spec.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
     return ds
 
@@ -92,17 +121,16 @@ def deepspeed_config(cfg: Config, world: int, bf16: bool) -> dict:
 class DeepSpeedEngine:
     """A DeepSpeed engine behind the interface of `TorchEngine`."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, world: int, bf16: bool):
+    def __init__(self, model: torch.nn.Module, spec: OptimSpec, world: int, bf16: bool):
         import deepspeed
 
-        t = cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=deepspeed_config(cfg, world, bf16),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(t.warmup_steps, t.max_steps)),
+            model=model, model_parameters=params, config=deepspeed_config(spec, world, bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(spec.warmup_steps, spec.total_steps)),
         )
         self.module = self.engine.module
-        self.zero_stage = t.zero_stage
+        self.zero_stage = spec.zero_stage
         if self.zero_stage == 3 and getattr(model, "mlm_head", None) is not None:
             # the MLM decoder is tied to the word embeddings, a parameter of another module: tell ZeRO-3
             deepspeed.zero.register_external_parameter(model.mlm_head, model.encoder.embeddings.word_embeddings.weight)

@@ -19,7 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from jepa4rec_dist.config import Config, save_config
@@ -33,8 +35,10 @@ from jepa4rec_dist.eval.harness import EvalResult, evaluate
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import save_export
-from jepa4rec_dist.model.encoder import cls
-from jepa4rec_dist.train.engine import TorchEngine, resolve_device, resolve_dtype, to_device
+from jepa4rec_dist.model.encoder import Encoder, cls
+from jepa4rec_dist.train.distributed import broadcast_value
+from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
+from jepa4rec_dist.train.pretrain import Runtime
 from jepa4rec_dist.train.run import MetricsLog, seed_everything
 from kernels.infonce import infonce_loss
 
@@ -60,98 +64,141 @@ def load_model_source(cfg: Config) -> Config:
     return cfg
 
 
-def finetune(cfg: Config, progress: bool = True) -> dict:
-    ft = cfg.finetune
+class FinetuneModel(nn.Module):
+    """The trained part: the sequence encoder; the loss is softmax over the given (constant) item table."""
+
+    def __init__(self, encoder, temperature: float, loss_backend: str):
+        super().__init__()
+        self.encoder, self.temperature, self.loss_backend = encoder, temperature, loss_backend
+
+    def forward(self, batch: dict, item_table: torch.Tensor) -> torch.Tensor:
+        hist = F.normalize(cls(self.encoder.encode(batch, "history_")).float(), dim=-1)
+        return infonce_loss(hist, item_table, batch["next_item_index"], temperature=self.temperature,
+                            normalize=False, backend=self.loss_backend)
+
+
+def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True) -> dict:
+    """Two-stage finetuning in one process or on every rank of a DeepSpeed job (data parallel: each rank
+    trains on its share of the users; rank 0 validates, exports and tests a copy of the weights)."""
+    runtime = runtime or Runtime()
+    ft, main = cfg.finetune, runtime.is_main
     out = Path(ft.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     seed_everything(ft.seed)
     root = Path(cfg.data.out_dir)
     tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
     table = ItemTable.load(root)
+    device = runtime.device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.precision, device)
     encoder, _, _ = build_encoder(load_model_source(cfg).model, tok, with_head=False)
-    device = resolve_device(cfg.train.device)
-    encoder.to(device)
     collator = Collator(table, tok, cfg.sequence, None, "pretrain", seed=ft.seed)
-    lcfg = replace(cfg.loader, batch_size=ft.batch_size, mode="fixed" if ft.max_steps_per_epoch else "exact",
+    fixed = runtime.distributed or ft.max_steps_per_epoch is not None  # ranks must agree on the step count
+    lcfg = replace(cfg.loader, batch_size=ft.batch_size, mode="fixed" if fixed else "exact",
                    steps_per_epoch=ft.max_steps_per_epoch, drop_last=False, seed=ft.seed)
     train_root = root
     if ft.low_resource_fraction is not None and ft.low_resource_fraction < 1:
-        train_root = low_resource_dataset(root, ft.low_resource_fraction, ft.seed)
+        if main:
+            train_root = low_resource_dataset(root, ft.low_resource_fraction, ft.seed)
+        runtime.barrier()
+        train_root = low_resource_dataset(root, ft.low_resource_fraction, ft.seed)  # built by rank 0: now read
         log.info("low-resource: training on %s", train_root)
-    train_loader = ShardLoader(train_root, "train", lcfg, collator)
+    train_loader = ShardLoader(train_root, "train", lcfg, collator, rank=runtime.rank, world_size=runtime.world)
     steps_per_epoch = len(train_loader)
-    total = steps_per_epoch * (ft.stage1_epochs + ft.stage2_epochs)
-    engine = TorchEngine(encoder, ft.lr, cfg.train.weight_decay, 0, max(total, 1), cfg.train.clip_norm, 1, device,
-                         resolve_dtype(cfg.train.precision, device))
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = MetricsLog(out / "metrics.jsonl") if main else None
     best = {"ndcg@10": -1.0, "stage": None, "epoch": None}
-    history = []
+    history: list[dict] = []
 
-    def encode():
-        return encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress)
+    def make_engine(enc, epochs):
+        model = FinetuneModel(enc, ft.temperature, ft.loss_backend).to(device)
+        total = max(steps_per_epoch * epochs, 1)
+        if runtime.distributed:
+            from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
 
-    def validate(item_table, stage, epoch):
-        scorer = EncoderScorer(encoder, item_table, ft.temperature, device)
-        res = run_eval(cfg, scorer, root, tok, table, "valid", progress)
-        row = {"stage": stage, "epoch": epoch, **{f"valid_{k}": v for k, v in res.metrics.items()}}
-        metrics.write(row)
-        history.append(row)
-        if res.metrics["ndcg@10"] > best["ndcg@10"]:
-            best.update({"ndcg@10": res.metrics["ndcg@10"], "stage": stage, "epoch": epoch})
-            save_export(out / "best", encoder.cfg, encoder.pad_id,
-                        {**encoder_tensors(encoder), "item_table": item_table}, tokenizer=tok.to_dict(),
-                        extra={"stage": stage, "epoch": epoch, "valid": res.metrics, "temperature": ft.temperature})
-            return True
-        return False
+            spec = OptimSpec(ft.lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, ft.batch_size, 1,
+                             cfg.train.zero_stage)
+            return DeepSpeedEngine(model, spec, runtime.world, bf16=dtype == torch.bfloat16), model
+        return TorchEngine(model, ft.lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, 1, device, dtype), model
 
-    def train_epoch(item_table, stage, epoch):
-        encoder.train()
+    def encode(model):  # every rank, same batches (a collective under ZeRO-3)
+        return encode_items(model.encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress and main)
+
+    def standalone(engine, model):
+        """Rank 0: a plain copy of the current encoder (gathered from ZeRO-3 partitions); None elsewhere."""
+        state = None
+        with engine.gathered(model.encoder.parameters()):
+            if main:
+                state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+        if state is None:
+            return None
+        copy = Encoder(model.encoder.cfg, model.encoder.pad_id)
+        copy.load_state_dict(state)
+        return copy.to(device).eval()
+
+    def validate(engine, model, item_table, stage, epoch):
+        enc = standalone(engine, model)
+        improved = None
+        if main:
+            res = run_eval(cfg, EncoderScorer(enc, item_table, ft.temperature, device), root, tok, table, "valid", progress)
+            row = {"stage": stage, "epoch": epoch, **{f"valid_{k}": v for k, v in res.metrics.items()}}
+            metrics.write(row)
+            history.append(row)
+            improved = res.metrics["ndcg@10"] > best["ndcg@10"]
+            if improved:
+                best.update({"ndcg@10": res.metrics["ndcg@10"], "stage": stage, "epoch": epoch})
+                save_export(out / "best", enc.cfg, enc.pad_id, {**encoder_tensors(enc), "item_table": item_table},
+                            tokenizer=tok.to_dict(), extra={"stage": stage, "epoch": epoch, "valid": res.metrics,
+                                                            "temperature": ft.temperature})
+        runtime.barrier()
+        return broadcast_value(improved)
+
+    def train_epoch(engine, model, item_table, stage, epoch):
+        model.train()
         t0, losses = time.perf_counter(), []
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"finetune s{stage} e{epoch}", unit="batch",
-                   disable=not progress, leave=False)
+                   disable=not (progress and main), leave=False)
         for batch in bar:
-            batch = to_device(batch, device)
-            with engine.autocast():
-                hist = cls(encoder.encode(batch, "history_"))
-            loss = infonce_loss(F.normalize(hist.float(), dim=-1), item_table, batch["next_item_index"],
-                                temperature=ft.temperature, normalize=False, backend=ft.loss_backend)
+            loss = engine(to_device(batch, device), item_table)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        metrics.write({"stage": stage, "epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1),
-                       "seconds": time.perf_counter() - t0, "lr": engine.get_lr()[0]})
+        if main:
+            metrics.write({"stage": stage, "epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1),
+                           "seconds": time.perf_counter() - t0, "lr": engine.get_lr()[0]})
+
+    def run_stage(stage, engine, model, item_table, epochs, reencode):
+        bad = 0
+        for epoch in range(1, epochs + 1):
+            train_epoch(engine, model, item_table, stage, epoch)
+            if reencode:
+                item_table = encode(model)
+            bad = 0 if validate(engine, model, item_table, stage, epoch) else bad + 1
+            if bad >= ft.patience:
+                if main:
+                    log.info("stage %d: no better validation NDCG@10 for %d epochs: stopping", stage, bad)
+                break
 
     # stage 1: re-encode each epoch; epoch 0's validation is the zero-shot model
-    bad = 0
-    item_table = encode()
-    validate(item_table, 1, 0)
-    for epoch in range(1, ft.stage1_epochs + 1):
-        train_epoch(item_table, 1, epoch)
-        item_table = encode()
-        bad = 0 if validate(item_table, 1, epoch) else bad + 1
-        if bad >= ft.patience:
-            log.info("stage 1: no better validation NDCG@10 for %d epochs: stopping", bad)
-            break
-    # stage 2: the best model so far, its table frozen
+    engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs)
+    item_table = encode(model)
+    validate(engine, model, item_table, 1, 0)
+    run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True)
+    # stage 2: the best model so far, with its table frozen
     if ft.stage2_epochs:
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
-        engine = TorchEngine(encoder, ft.lr, cfg.train.weight_decay, 0, max(steps_per_epoch * ft.stage2_epochs, 1),
-                             cfg.train.clip_norm, 1, device, resolve_dtype(cfg.train.precision, device))
-        bad = 0
-        for epoch in range(1, ft.stage2_epochs + 1):
-            train_epoch(item_table, 2, epoch)
-            bad = 0 if validate(item_table, 2, epoch) else bad + 1
-            if bad >= ft.patience:
-                log.info("stage 2: no better validation NDCG@10 for %d epochs: stopping", bad)
-                break
-    encoder, item_table = _load_best(out / "best", cfg, tok, device)
-    test = run_eval(cfg, EncoderScorer(encoder, item_table, ft.temperature, device), root, tok, table, "test", progress)
-    result = {"best": best, "test": test.metrics, "history": history}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    metrics.write({"test": test.metrics, "best": best})
-    return result
+        engine, model = make_engine(encoder, ft.stage2_epochs)
+        run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False)
+    result = None
+    if main:
+        encoder, item_table = _load_best(out / "best", cfg, tok, device)
+        test = run_eval(cfg, EncoderScorer(encoder, item_table, ft.temperature, device), root, tok, table, "test", progress)
+        result = {"best": best, "test": test.metrics, "history": history}
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        metrics.write({"test": test.metrics, "best": best})
+    runtime.barrier()
+    return broadcast_value(result)
 
 
 def _load_best(folder: Path, cfg: Config, tok, device):
