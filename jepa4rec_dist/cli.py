@@ -234,6 +234,15 @@ def cmd_recommend(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_ds_config(args, overrides: list[str]) -> int:
+    """The DeepSpeed JSON that `launch/pretrain.py` derives from the typed config (for inspection)."""
+    from jepa4rec_dist.train.distributed import OptimSpec, deepspeed_config
+
+    cfg = _config(args, overrides)
+    print(json.dumps(deepspeed_config(OptimSpec.pretraining(cfg), args.world, bf16=args.bf16), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa4rec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -289,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("ds-config", help="print the DeepSpeed JSON generated from a config (ZeRO stage, batch)")
+    p.add_argument("--world", type=int, default=1, help="number of ranks")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_ds_config)
 
     p = sub.add_parser("verify", help="check a prepared directory's shards against its manifest (sha256, counts)")
     p.add_argument("dir")
