@@ -82,7 +82,7 @@ def cmd_prepare(args, overrides: list[str]) -> int:
     out = Path(cfg.data.out_dir)
     _setup_logging(out, args.verbose)
     t0 = time.perf_counter()
-    manifest = prepare(cfg)
+    manifest = prepare(cfg, ray_address=args.ray_address)
     _print_counts(manifest, time.perf_counter() - t0)
     print(f"wrote {out / 'items.parquet'}, {out / 'shards'}/, {out / 'manifest.json'}")
     return 0
@@ -175,8 +175,17 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
         raise ValueError("evaluate: give --model EXPORT_DIR (repeatable) and/or --baselines popularity,sasrec,graph")
     root, tok, table = dataset(cfg)
     rows = []
+    if args.ray_address:
+        import ray
+
+        from jepa4rec_dist.cluster.evaluate import ray_evaluate
+
+        ray.init(address=args.ray_address, log_to_driver=False)
     for model_dir in args.model:
         t0 = time.perf_counter()
+        if args.ray_address:
+            rows += ray_evaluate(cfg, model_dir, args.actors, args.split)[0]
+            continue
         scorer = model_scorer(cfg, model_dir, tok, table)
         rows += evaluate_rows(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0)[0]
     if args.baselines:
@@ -243,6 +252,20 @@ def cmd_ds_config(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_submit(args, overrides: list[str]) -> int:
+    """Submit a command to a Ray cluster as a job, stream its logs, return its exit status."""
+    from jepa4rec_dist.cluster.jobs import submit
+
+    entrypoint = list(args.entrypoint) + overrides
+    if entrypoint and entrypoint[0] == "--":
+        entrypoint = entrypoint[1:]
+    if not entrypoint:
+        raise ValueError("submit: give the command after --, e.g. jepa4rec submit --address URL -- python launch/ray_pretrain.py ...")
+    import shlex
+
+    return submit(args.address, shlex.join(entrypoint), working_dir=args.working_dir, follow=not args.no_follow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepa4rec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="ml-100k | ml-1m | amazon | generic (data.dataset)")
     p.add_argument("--out", help="output directory (data.out_dir)")
     p.add_argument("--tokenizer", help="minilm | roberta | local tokenizer dir (tokenizer.name)")
+    p.add_argument("--ray-address", help="write shards as Ray tasks on this cluster (e.g. 127.0.0.1:6379)")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_prepare)
 
@@ -280,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", help="comma-separated: popularity,sasrec,graph")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--out", help="JSON output (default DATA/eval-SPLIT.json)")
+    p.add_argument("--ray-address", help="evaluate exports on a pool of Ray actors on this cluster")
+    p.add_argument("--actors", type=int, default=2, help="Ray actors (model replicas) with --ray-address")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -304,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_ds_config)
+
+    p = sub.add_parser("submit", help="submit a command as a Ray job, stream its logs, return its status")
+    p.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", help="folder uploaded as the job's working directory")
+    p.add_argument("--no-follow", action="store_true", help="return after submitting")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- command to run")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("verify", help="check a prepared directory's shards against its manifest (sha256, counts)")
     p.add_argument("dir")

@@ -124,8 +124,9 @@ def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: 
     return tokens
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict:
-    """Run the whole pipeline into `cfg.data.out_dir`; returns the manifest."""
+def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) -> dict:
+    """Run the whole pipeline into `cfg.data.out_dir`; returns the manifest. With `ray_address`, the
+    per-shard work runs as Ray tasks on that cluster (the folder must be visible to its nodes)."""
     t0 = time.perf_counter()
     root = Path(cfg.data.out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -149,8 +150,17 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             for split, samples in splits.items() for lo in range(0, len(samples), per_shard)]
     for old in (root / "shards").glob("*.tar") if (root / "shards").is_dir() else []:
         old.unlink()  # a re-run with fewer shards must not leave stale ones beside the new manifest
-    infos = [write_shard(root, split, index, chunk)
-             for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=not progress)]
+    if ray_address is None:
+        infos = [write_shard(root, split, index, chunk)
+                 for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=not progress)]
+    else:  # one Ray task per shard; write_shard is a pure function, so the bytes are the local run's
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, log_to_driver=False)
+        task = ray.remote(num_cpus=1)(write_shard)
+        infos = ray.get([task.remote(str(root.resolve()), split, index, chunk) for split, index, chunk in jobs])
+        log.info("wrote %d shards as Ray tasks on %s", len(infos), ray_address)
     for split in SPLITS:
         shards[split] = shard_info_dicts([i for (s, _, _), i in zip(jobs, infos, strict=True) if s == split])
 

@@ -54,19 +54,26 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
                          name=name or f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind})")
 
 
+def result_rows(cfg: Config, name: str, result: EvalResult, split: str, seconds: float,
+                train_counts: np.ndarray | None = None) -> list[dict]:
+    """The `full` and `cold-start` rows of one evaluated method."""
+    root, _, table = dataset(cfg)
+    rows = [{"method": name, "setting": "full", "split": split, **result.metrics, "seconds": round(seconds, 1)}]
+    if train_counts is None:
+        train_counts = item_counts(iter_records(root, "train"), table.num_items)
+    mask = cold_start_mask(result, train_counts, cfg.eval.cold_start_k)
+    rows.append({"method": name, "setting": f"cold-start(<{cfg.eval.cold_start_k})", "split": split,
+                 **result.subset(mask, tuple(cfg.eval.ks)), "seconds": round(seconds, 1)})
+    return rows
+
+
 def evaluate_rows(cfg: Config, scorer, split: str = "test", progress: bool = True, seconds_fit: float = 0.0,
                   train_counts: np.ndarray | None = None) -> tuple[list[dict], EvalResult]:
     root, tok, table = dataset(cfg)
     t0 = time.perf_counter()
     result = run_eval(cfg, scorer, root, tok, table, split, progress)
     seconds = seconds_fit + time.perf_counter() - t0
-    rows = [{"method": scorer.name, "setting": "full", "split": split, **result.metrics, "seconds": round(seconds, 1)}]
-    if train_counts is None:
-        train_counts = item_counts(iter_records(root, "train"), table.num_items)
-    mask = cold_start_mask(result, train_counts, cfg.eval.cold_start_k)
-    rows.append({"method": scorer.name, "setting": f"cold-start(<{cfg.eval.cold_start_k})", "split": split,
-                 **result.subset(mask, tuple(cfg.eval.ks)), "seconds": round(seconds, 1)})
-    return rows, result
+    return result_rows(cfg, scorer.name, result, split, seconds, train_counts), result
 
 
 def format_table(rows: list[dict], ks=(10, 50)) -> str:

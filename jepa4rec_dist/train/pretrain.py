@@ -130,8 +130,15 @@ class _Logger:
             self.tb.close()
 
 
-def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True) -> dict:
-    runtime = runtime or Runtime()
+class Hooks:
+    """Optional callbacks for orchestrators (Ray Train reports checkpoints through these)."""
+
+    def on_checkpoint(self, step: int, folder: Path, runtime: Runtime) -> None:
+        """Called on every rank after checkpoint `folder` is complete."""
+
+
+def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True, hooks: Hooks | None = None) -> dict:
+    runtime, hooks = runtime or Runtime(), hooks or Hooks()
     out, t = Path(cfg.train.output_dir), cfg.train
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +194,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
             logger.step(row)
             if step % t.save_every == 0 or step == t.max_steps:
                 _save(engine, ckpts, step, target, loader, runtime)
+                hooks.on_checkpoint(step, ckpts.folder / Checkpoints.tag(step), runtime)
             if step >= t.max_steps:
                 break
     logger.close()

@@ -1,0 +1,104 @@
+"""Evaluation on a pool of Ray actors: each actor is a model replica (on its own device when the cluster
+has GPUs); item batches and user batches are dealt round-robin among them; the item table and the ranks
+are merged in batch order.
+
+Actors cut exactly the batches the single-process path cuts (item batch b = items[b*B:(b+1)*B]; user
+batches from the same unshuffled loader with no workers), so with the same thread count the numbers are
+bit-identical to `jepa4rec evaluate`, only spread over the cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jepa4rec_dist.config import Config, config_from_dict, config_to_dict
+from jepa4rec_dist.eval.harness import EvalResult, rank_batch
+from jepa4rec_dist.eval.metrics import metrics_from_ranks
+
+
+class EvalWorker:
+    """One model replica. Plain class; `ray_evaluate` turns it into a Ray actor."""
+
+    def __init__(self, cfg_dict: dict, model_dir: str, threads: int = 1):
+        from jepa4rec_dist.eval.run import dataset
+        from jepa4rec_dist.model import build_encoder
+        from jepa4rec_dist.model.checkpoint import load_export
+        from jepa4rec_dist.train.engine import resolve_device
+
+        torch.set_num_threads(threads)
+        self.cfg = config_from_dict(cfg_dict)
+        self.root, self.tok, self.table = dataset(self.cfg)
+        self.device = resolve_device(self.cfg.train.device)
+        encoder, _, extra = build_encoder(replace(self.cfg.model, init_from=model_dir), self.tok, with_head=False)
+        self.encoder = encoder.to(self.device).eval()
+        self.saved_table = extra.get("item_table")
+        self.temperature = load_export(model_dir)[3].get("temperature", self.cfg.finetune.temperature)
+
+    def has_table(self) -> bool:
+        return self.saved_table is not None
+
+    def encode(self, batches: list[int]) -> dict[int, np.ndarray]:
+        from jepa4rec_dist.eval.model_scorer import encode_items
+
+        size, n = self.cfg.eval.batch_size, self.table.num_items
+        return {b: encode_items(self.encoder, self.table, self.tok, self.cfg.sequence, size, self.device, False,
+                                indices=np.arange(b * size, min((b + 1) * size, n))).cpu().numpy()
+                for b in batches}
+
+    def rank(self, item_table: np.ndarray | None, split: str, share: int, shares: int) -> dict[int, tuple]:
+        from jepa4rec_dist.eval.model_scorer import EncoderScorer
+        from jepa4rec_dist.train.finetune import eval_loader
+
+        table = self.saved_table if item_table is None else torch.from_numpy(item_table)
+        scorer = EncoderScorer(self.encoder, table.to(self.device), self.temperature, self.device)
+        loader = eval_loader(self.cfg, self.root, self.tok, self.table, split)
+        out = {}
+        for b, batch in enumerate(loader):
+            if b % shares == share:
+                ranks = rank_batch(scorer, batch, self.cfg.eval.item_chunk, self.cfg.eval.exclude_history)
+                out[b] = (batch["keys"], ranks.numpy(), batch["next_item_index"].numpy())
+        return out
+
+
+def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "test", use_gpu: bool = False):
+    """(rows like `jepa4rec evaluate`, EvalResult) computed by `num_actors` Ray actors."""
+    import ray
+
+    from jepa4rec_dist.cluster.jobs import absolute_paths
+    from jepa4rec_dist.eval.run import result_rows
+
+    if num_actors < 1:
+        raise ValueError(f"actors must be >= 1, got {num_actors}")
+    t0 = time.perf_counter()
+    # the eval loader runs in the actor's own process: no DataLoader workers, the same batches everywhere
+    cfg = absolute_paths(replace(cfg, loader=replace(cfg.loader, num_workers=0)))
+    actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(EvalWorker)
+    actors = [actor_cls.remote(config_to_dict(cfg), str(Path(model_dir).resolve())) for _ in range(num_actors)]
+    item_table = None
+    if not ray.get(actors[0].has_table.remote()):
+        from jepa4rec_dist.data.items import ItemTable
+
+        n = ItemTable.load(cfg.data.out_dir).num_items
+        batches = list(range(-(-n // cfg.eval.batch_size)))
+        parts: dict[int, np.ndarray] = {}
+        for done in ray.get([a.encode.remote(batches[i::num_actors]) for i, a in enumerate(actors)]):
+            parts.update(done)
+        item_table = np.concatenate([parts[b] for b in batches])
+    ranked: dict[int, tuple] = {}
+    for done in ray.get([a.rank.remote(item_table, split, i, num_actors) for i, a in enumerate(actors)]):
+        ranked.update(done)
+    order = sorted(ranked)
+    keys = [k for b in order for k in ranked[b][0]]
+    ranks = np.concatenate([ranked[b][1] for b in order])
+    targets = np.concatenate([ranked[b][2] for b in order])
+    result = EvalResult(metrics_from_ranks(torch.from_numpy(ranks), tuple(cfg.eval.ks)), keys, ranks, targets)
+    for a in actors:
+        ray.kill(a)
+    kind = "zero-shot" if item_table is not None else "finetuned"
+    name = f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind}, {num_actors} ray actors)"
+    return result_rows(cfg, name, result, split, time.perf_counter() - t0), result

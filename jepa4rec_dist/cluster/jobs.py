@@ -1,0 +1,74 @@
+"""Submitting and following Ray jobs, and the bodies of the Ray entry points.
+
+`submit(address, entrypoint)` uses Ray's job submission client: it submits, streams the job's logs as
+they come, and returns the job's exit status as a process exit code (0 succeeded, 1 failed, 2 stopped).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from jepa4rec_dist.config import Config, load_config
+
+TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Workers and actors may run in another folder: hand them absolute paths."""
+    data = replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).resolve()))
+    train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
+    finetune = replace(cfg.finetune, output_dir=str(Path(cfg.finetune.output_dir).resolve()))
+    return replace(cfg, data=data, train=train, finetune=finetune)
+
+
+def ray_pretrain_main(args, overrides: list[str]) -> int:
+    import ray
+
+    from jepa4rec_dist.cluster.train import ray_pretrain
+
+    try:
+        cfg = absolute_paths(load_config(args.config, overrides))
+    except ValueError as exc:
+        print(f"ray_pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address, log_to_driver=True)
+    result = ray_pretrain(cfg, args.num_workers, args.use_gpu, args.max_failures, pid_dir=args.pid_dir)
+    if result.error is not None:
+        print(f"ray_pretrain: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"ray_pretrain: done; metrics {result.metrics}; export in {Path(cfg.train.output_dir) / 'export'}")
+    return 0
+
+
+def submit(address: str, entrypoint: str, working_dir: str | None = None, follow: bool = True,
+           env: dict | None = None, poll_s: float = 1.0, out=None) -> int:
+    """Submit `entrypoint` to the Ray cluster at `address`; with `follow`, stream logs and wait."""
+    from ray.job_submission import JobSubmissionClient
+
+    out = out or sys.stdout
+    client = JobSubmissionClient(address)
+    runtime_env = {}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    if env:
+        runtime_env["env_vars"] = env
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
+    print(f"submitted {job_id} to {address}", file=out, flush=True)
+    if not follow:
+        return 0
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            out.write(logs[shown:])
+            out.flush()
+            shown = len(logs)
+        if status in TERMINAL:
+            info = client.get_job_info(job_id)
+            print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""), file=out, flush=True)
+            return TERMINAL[status]
+        time.sleep(poll_s)

@@ -1,0 +1,90 @@
+"""Pretraining as Ray Train workers: each worker runs the same `pretrain(cfg, runtime)` on a DeepSpeed engine.
+
+Ray Train (`TorchTrainer`) starts one worker per GPU (or CPU workers on gloo) and sets up the torch
+process group; DeepSpeed adopts it. Shards are split by Ray's world rank exactly as under the `deepspeed`
+launcher. Every complete checkpoint is reported to Ray Train (rank 0 attaches the folder); when a worker
+dies, Ray restarts the worker group (up to `max_failures` times) and the new workers resume from the
+latest checkpoint: the one in `train.output_dir` (a shared folder), or, when that folder lost it, the
+one Ray Train kept, copied back first. The loss curve continues from the checkpointed step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from jepa4rec_dist.config import Config, config_from_dict, config_to_dict
+from jepa4rec_dist.train.pretrain import Hooks, Runtime, pretrain
+from jepa4rec_dist.train.run import Checkpoints
+
+
+class RayReportHooks(Hooks):
+    def on_checkpoint(self, step, folder, runtime):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if runtime.is_main else None
+        ray.train.report({"step": step}, checkpoint=checkpoint)
+
+
+def _restore_from_ray(cfg: Config, runtime: Runtime) -> None:
+    """If Ray Train hands back a checkpoint the output folder no longer has, put it back (rank 0)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None or not runtime.is_main:
+        return
+    ckpts = Checkpoints(Path(cfg.train.output_dir) / "checkpoints", cfg.train.keep_last)
+    with checkpoint.as_directory() as folder:
+        tag = Path(folder).name if Path(folder).name.startswith("step-") else None
+        marker = Path(folder) / "complete"
+        if tag and marker.is_file() and tag not in ckpts.tags():
+            shutil.copytree(folder, ckpts.folder / tag, dirs_exist_ok=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+    import torch
+
+    from jepa4rec_dist.train.distributed import init_process_group
+
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    runtime = Runtime(rank=ctx.get_world_rank(), world=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
+                      distributed=True)
+    cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+    if not cuda:
+        torch.set_num_threads(cfg.train.cpu_threads or 1)
+    pid_dir = loop_config.get("pid_dir")
+    if pid_dir:  # lets operators (and the fault test) find each worker process
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / f"rank{runtime.rank}.pid").write_text(str(os.getpid()))
+    init_process_group(cfg.train.collective_timeout_s, cuda)  # adopts Ray's process group
+    _restore_from_ray(cfg, runtime)
+    runtime.barrier()
+    result = pretrain(cfg, runtime, progress=False, hooks=RayReportHooks())
+    if runtime.is_main:
+        Path(cfg.train.output_dir, "result.json").write_text(json.dumps(result, default=str))
+
+
+def ray_pretrain(cfg: Config, num_workers: int, use_gpu: bool = False, max_failures: int = 1,
+                 storage_path: str | None = None, name: str = "jepa4rec-pretrain", pid_dir: str | None = None):
+    """Run pretraining on the connected Ray cluster; returns Ray Train's `Result`."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    out = Path(cfg.train.output_dir).resolve()
+    storage = Path(storage_path).resolve() if storage_path else out / "ray"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(cfg), "pid_dir": pid_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    return trainer.fit()
