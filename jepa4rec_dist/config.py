@@ -269,6 +269,7 @@ class FinetuneConfig:
     loss_backend: str = "auto"  # infonce backend: auto | reference | triton | chunked
     low_resource_fraction: float | None = None  # train on this share of training users (seeded)
     max_steps_per_epoch: int | None = None
+    pairs_per_user: int = 1  # (history, next item) pairs drawn from each training sequence per epoch
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
@@ -276,6 +277,7 @@ class FinetuneConfig:
             raise ValueError(f"{prefix}.stage1_epochs / stage2_epochs: must be >= 0")
         _positive(self.batch_size, f"{prefix}.batch_size")
         _positive(self.temperature, f"{prefix}.temperature")
+        _positive(self.pairs_per_user, f"{prefix}.pairs_per_user")
         if self.low_resource_fraction is not None and not 0 < self.low_resource_fraction <= 1:
             raise ValueError(f"{prefix}.low_resource_fraction: must be in (0, 1]")
 
@@ -318,6 +320,9 @@ class LoaderConfig:
     steps_per_epoch: int | None = None  # fixed mode; None = total sequences // (world * batch_size)
     drop_last: bool = False  # exact mode: drop a worker's last partial batch
     verify_checksums: bool = False  # sha256 of every shard against the manifest before reading
+    # Each sequence this many times per epoch, every copy with its own sampled pair and mask (key suffix
+    # "#k"): more training pairs per pass over small datasets.
+    repeat: int = 1
 
     def validate(self, prefix: str) -> None:
         _positive(self.batch_size, f"{prefix}.batch_size")
@@ -325,6 +330,7 @@ class LoaderConfig:
             raise ValueError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"{prefix}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        _positive(self.repeat, f"{prefix}.repeat")
         if self.steps_per_epoch is not None:
             _positive(self.steps_per_epoch, f"{prefix}.steps_per_epoch")
             if self.mode != "fixed":

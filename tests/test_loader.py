@@ -213,3 +213,20 @@ def test_missing_shard_and_missing_manifest(copy):
 def test_read_split_helper_agrees_with_loader(uneven_dataset):
     root, _ = uneven_dataset
     assert len(read_split(root, "test")) == len(all_keys(root, "test"))
+
+
+def test_repeat_gives_each_sequence_k_distinct_pairs(uneven_dataset):
+    root, _ = uneven_dataset
+    seen = Counter()
+    nexts = {}
+    for rank in range(2):
+        for batch in loader(root, rank, 2, repeat=3):
+            seen.update(k.split("#")[0] for k in batch["keys"])
+            for k, n, h in zip(batch["keys"], batch["next_item_index"].tolist(), batch["history_items"], strict=True):
+                nexts[k] = (n, len(h))
+    assert sorted(seen) == sorted(all_keys(root)) and set(seen.values()) == {3}
+    base = [k for k in nexts if "#" not in k]
+    # copies draw their own pair: for sequences long enough, some copy differs from the original
+    assert any(nexts[k] != nexts[f"{k}#1"] or nexts[k] != nexts[f"{k}#2"] for k in base)
+    ld = loader(root, repeat=3)
+    assert ld.total_samples == 3 * 35 and len(ld) == len(list(ld))  # planned batch count = streamed

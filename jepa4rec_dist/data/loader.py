@@ -50,14 +50,15 @@ class ReaderPlan:
     expected: list[int]  # samples per shard, from the manifest
     stride: int  # keep the samples whose ordinal o over `shards` has o % stride == offset
     offset: int
+    repeat: int = 1  # copies of each kept sample per pass (each with its own key suffix, pair and mask)
 
     @property
     def samples(self) -> int:
-        return len(range(self.offset, sum(self.expected), self.stride))
+        return len(range(self.offset, sum(self.expected), self.stride)) * self.repeat
 
 
 def plan_readers(infos: list[ShardInfo], root: Path, rank: int, world: int, workers: int,
-                 seed: int, epoch: int, shuffle: bool) -> list[ReaderPlan]:
+                 seed: int, epoch: int, shuffle: bool, repeat: int = 1) -> list[ReaderPlan]:
     order = list(range(len(infos)))
     if shuffle:
         order = list(np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(infos)))
@@ -71,7 +72,7 @@ def plan_readers(infos: list[ShardInfo], root: Path, rank: int, world: int, work
             sel, s, f = mine[w::workers], 1, 0
         else:  # sample-level inside the rank: the rank's k-th sample goes to worker k % workers
             sel, s, f = mine, stride * workers, offset + stride * w
-        plans.append(ReaderPlan([str(root / infos[i].path) for i in sel], [infos[i].samples for i in sel], s, f))
+        plans.append(ReaderPlan([str(root / infos[i].path) for i in sel], [infos[i].samples for i in sel], s, f, repeat))
     return plans
 
 
@@ -111,6 +112,8 @@ class _ShardStream(IterableDataset):
                     for sample in wds.tarfile_samples([{"url": path}]):
                         if ordinal % plan.stride == plan.offset:
                             yield sample
+                            for copy in range(1, plan.repeat):
+                                yield {**sample, "__key__": f"{sample['__key__']}#{copy}"}
                         n += 1
                         ordinal += 1
                 except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
@@ -191,7 +194,7 @@ class ShardLoader:
         manifest = load_manifest(self.root)
         check_shards(self.root, manifest, split, checksums=cfg.verify_checksums)
         self.infos = shard_infos(manifest, split)
-        self.total_samples = sum(i.samples for i in self.infos)
+        self.total_samples = sum(i.samples for i in self.infos) * cfg.repeat
         if self.total_samples == 0:
             raise ValueError(f"{self.root}: split {split!r} has no sequences")
         self.workers = max(1, cfg.num_workers)
@@ -202,7 +205,8 @@ class ShardLoader:
     # --- plan ------------------------------------------------------------------------------------------
     def _plans(self, epoch: int, rank: int | None = None) -> list[ReaderPlan]:
         rank = self.rank if rank is None else rank
-        return plan_readers(self.infos, self.root, rank, self.world, self.workers, self.cfg.seed, epoch, self.shuffle)
+        return plan_readers(self.infos, self.root, rank, self.world, self.workers, self.cfg.seed, epoch, self.shuffle,
+                            self.cfg.repeat)
 
     def _counts(self, plans: list[ReaderPlan]) -> list[int]:
         if self.mode == "fixed":
@@ -255,7 +259,8 @@ class ShardLoader:
     def _identity(self) -> dict:
         return {"split": self.split, "world_size": self.world, "num_workers": self.workers, "mode": self.mode,
                 "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "shuffle": self.shuffle,
-                "steps_per_epoch": getattr(self, "steps", None), "total_samples": self.total_samples}
+                "steps_per_epoch": getattr(self, "steps", None), "total_samples": self.total_samples,
+                "repeat": self.cfg.repeat}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.consumed, **self._identity()}

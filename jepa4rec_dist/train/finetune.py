@@ -96,7 +96,7 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     collator = Collator(table, tok, cfg.sequence, None, "pretrain", seed=ft.seed)
     fixed = runtime.distributed or ft.max_steps_per_epoch is not None  # ranks must agree on the step count
     lcfg = replace(cfg.loader, batch_size=ft.batch_size, mode="fixed" if fixed else "exact",
-                   steps_per_epoch=ft.max_steps_per_epoch, drop_last=False, seed=ft.seed)
+                   steps_per_epoch=ft.max_steps_per_epoch, drop_last=False, seed=ft.seed, repeat=ft.pairs_per_user)
     train_root = root
     if ft.low_resource_fraction is not None and ft.low_resource_fraction < 1:
         if main:
