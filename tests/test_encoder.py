@@ -121,3 +121,18 @@ def test_bad_checkpoints_are_named(tmp_path):
     big = TokenizerInfo("big", 60000, 0, 1, 2, (0, 1, 2), "roberta")
     with pytest.raises(ValueError, match="tokenizer 'big' has 60000 tokens but the model's vocabulary has 30522"):
         build_encoder(ModelConfig(init_from="minilm"), big)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = ModelConfig(init_from=None, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                      attention_window=3, hidden_dropout=0.0)
+    ids, mask, glob, types = inputs(50, length=19, cls_id=1, pad_from=12)
+    pos = torch.arange(19).expand_as(ids)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        enc = Encoder(ModelConfig(**{**cfg.__dict__, "gradient_checkpointing": ckpt}), pad_id=0).train()
+        enc(ids, pos, types, torch.zeros_like(ids), mask, glob)[mask].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
