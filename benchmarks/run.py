@@ -1,10 +1,12 @@
 """Benchmark entry point.
 
-    python benchmarks/run.py --suite kernels --device cpu|cuda --shapes tiny|paper|long [--out FILE]
-    python benchmarks/run.py --compare A.jsonl B.jsonl
+    python benchmarks/run.py --suite kernels|train|data|all --device cpu|cuda --shapes tiny|paper|long
+    python benchmarks/run.py --compare A.jsonl B.jsonl      # median ratios B/A of matching rows
+    python benchmarks/run.py --readme                      # README "Performance" from benchmarks/results/
 
-Rows are appended to benchmarks/results/<suite>-<device>.jsonl (or --out); the markdown table of this
-run is printed and written next to it (<stem>.md), and a suite may add a plot (<stem>.png).
+Rows are appended to <out-dir>/<suite>-<device>.jsonl (default benchmarks/results/, or --out FILE for one
+suite); the markdown table of this run is printed and written next to it (<stem>.md), and a suite may add
+a plot (<stem>.png). `--smoke` runs each suite's first case with few repetitions (what CI runs).
 On --device cpu, TRITON_INTERPRET=1 is set before anything imports triton, so triton kernels run (slowly)
 on the interpreter: suites use that for numerics, not for timing.
 """
@@ -12,32 +14,43 @@ on the interpreter: suites use that for numerics, not for timing.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+SUITE_NAMES = ("kernels", "train", "data")  # --suite all runs them in this order
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="kernels")
+    parser.add_argument("--suite", choices=(*SUITE_NAMES, "all"), default="kernels")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", choices=("tiny", "paper", "long"), default="tiny")
+    parser.add_argument("--smoke", action="store_true", help="first case of each suite, few repetitions")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: on a shared machine, threads stall at "
                              "barriers whenever another process holds a core, and timings become noise)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file to append to")
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file to append to (one suite)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="folder of the results files "
+                        "(default benchmarks/results/); --readme reads it too")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                         help="print median ratios B/A of matching rows and exit")
+    parser.add_argument("--readme", nargs="?", type=Path, const=Path(__file__).resolve().parents[1] / "README.md",
+                        metavar="README", help="regenerate README's Performance section from the results files")
     args = parser.parse_args(argv)
 
-    if args.compare:
-        from benchmarks.harness import compare
+    if args.compare or args.readme:
+        from benchmarks.harness import RESULTS_DIR, compare, performance_section, update_readme
 
-        print(compare(*args.compare))
+        if args.compare:
+            print(compare(*args.compare))
+        else:
+            update_readme(args.readme, args.out_dir or RESULTS_DIR)
+            print(performance_section(args.out_dir or RESULTS_DIR))
+            print(f"updated {args.readme}")
         return 0
 
     import torch
@@ -50,38 +63,23 @@ def main(argv=None) -> int:
             parser.error("triton was imported before TRITON_INTERPRET could be set")
         os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(args.threads)
+    suites = SUITE_NAMES if args.suite == "all" else (args.suite,)
+    if args.out and len(suites) > 1:
+        parser.error("--out names one file: with --suite all use --out-dir")
 
-    from benchmarks.harness import RESULTS_DIR, Context, append_jsonl, environment, load_suite, markdown_table
+    from benchmarks.harness import RESULTS_DIR, Context, SuiteRefused, environment, load_suite, run_suite
 
-    suite = load_suite(args.suite)
-    out = args.out or RESULTS_DIR / f"{args.suite}-{device.type}.jsonl"
-    ctx = Context(suite=args.suite, device=device, shapes=args.shapes, env=environment(device))
-    print(f"suite={args.suite} device={ctx.env['device_name']} shapes={args.shapes} "
-          f"torch={ctx.env['torch']} triton={ctx.env['triton']} git={ctx.env['git_sha']}", flush=True)
-    rows = []
-    results = iter(suite.run(ctx))
-    try:
-        first = next(results, None)  # a suite validates its arguments before its first row
-    except ValueError as exc:
-        parser.error(str(exc))
-    for row in itertools.chain([first] if first is not None else [], results):
-        rows.append(row)
-        append_jsonl([row], out)  # row by row: a crash later keeps what was measured
-        print(f"  {row['name']:<16} {row['provider']:<14} {row['shape']:<40} "
-              f"{row['median_ms'] if row['median_ms'] is None else round(row['median_ms'], 3)} ms "
-              f"ok={row.get('ok')} {row.get('skipped') or ''}", flush=True)
-    table = markdown_table(rows)
-    print(table)
-    md = out.with_suffix(".md")
-    md.write_text(f"# {args.suite} on {ctx.env['device_name']} ({args.shapes})\n\n"
-                  f"torch {ctx.env['torch']}, triton {ctx.env['triton']}, git {ctx.env['git_sha']}"
-                  f"{' (dirty)' if ctx.env['git_dirty'] else ''}\n\n{table}\n")
-    written = [out, md]
-    if hasattr(suite, "plot"):
-        png = suite.plot(rows, out.with_suffix(".png"))
-        if png is not None:
-            written.append(png)
-    print("wrote " + ", ".join(str(p) for p in written))
+    env = environment(device)
+    print(f"device={env['device_name']} shapes={args.shapes} torch={env['torch']} triton={env['triton']} "
+          f"transformers={env['transformers']} deepspeed={env['deepspeed']} git={env['git_sha']}", flush=True)
+    for name in suites:
+        out = args.out or (args.out_dir or RESULTS_DIR) / f"{name}-{device.type}.jsonl"
+        ctx = Context(suite=name, device=device, shapes=args.shapes, env=env, smoke=args.smoke)
+        print(f"suite={name}", flush=True)
+        try:
+            run_suite(load_suite(name), ctx, out, echo=lambda s: print(s, flush=True))
+        except SuiteRefused as exc:
+            parser.error(str(exc))
     return 0
 
 

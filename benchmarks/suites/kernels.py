@@ -48,10 +48,11 @@ def run(ctx: Context) -> Iterator[dict]:
         raise ValueError(f"--shapes {ctx.shapes} are GPU shapes (hours and tens of GB on CPU); use --shapes tiny")
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     heads, head_dim = HEADS_DIM[ctx.shapes]
-    for batch, length, window in ATTN[ctx.shapes]:
+    cases = 1 if ctx.smoke else None  # a smoke run: the first shape of each kind
+    for batch, length, window in ATTN[ctx.shapes][:cases]:
         yield from _attention_core(ctx, batch, heads, length, head_dim, window, dtype)
         yield from _attention_layer(ctx, batch, heads, length, head_dim, window, dtype)
-    for n_rows, n_keys, dim in INFONCE[ctx.shapes]:
+    for n_rows, n_keys, dim in INFONCE[ctx.shapes][:cases]:
         yield from _infonce(ctx, n_rows, n_keys, dim, dtype)
 
 
@@ -113,13 +114,13 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
             yield ctx.row("attention_core", provider, shape, dtype, None,
                           note="interpreter: numerics only, not timed", **check)
             continue
-        yield ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), dev),
+        yield ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
                       **check)
 
 
-def _measure_or_oom(call, device):
+def _measure_or_oom(call, ctx):
     try:
-        return measure(call, device, copies=COPIES)
+        return measure(call, ctx.device, copies=COPIES, **ctx.timing_kw())
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
@@ -283,7 +284,7 @@ def _attention_layer(ctx, batch, heads, length, head_dim, window, dtype):
             yield ctx.row("attention_layer", provider, shape, dtype, None,
                           note="interpreter: numerics only, not timed", **check)
             continue
-        yield ctx.row("attention_layer", provider, shape, dtype, _measure_or_oom(call, dev), **check)
+        yield ctx.row("attention_layer", provider, shape, dtype, _measure_or_oom(call, ctx), **check)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype):
             yield ctx.row("infonce", provider, shape, dtype, None, note="interpreter: numerics only, not timed",
                           **check)
             continue
-        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, dev), **check)
+        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **check)
 
 
 def _infonce_triton_skip(device):

@@ -116,9 +116,11 @@ def split_samples(seqs: Sequences, skips: readers.SkipLog) -> dict[str, list[dic
     return out
 
 
-def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: ItemTokenizer) -> list:
+def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: ItemTokenizer,
+                       progress: bool = True) -> list:
     tokens = []
-    for lo in tqdm(range(0, len(catalogue), TOKENIZE_BATCH), desc="tokenize items", unit="batch", leave=False):
+    for lo in tqdm(range(0, len(catalogue), TOKENIZE_BATCH), desc="tokenize items", unit="batch", leave=False,
+                   disable=not progress):
         batch = [[(a, raw.items[i][1][a]) for a in raw.attributes if a in raw.items[i][1]] for i in catalogue[lo:lo + TOKENIZE_BATCH]]
         tokens.extend(item_tok.encode(batch))
     return tokens
@@ -140,7 +142,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
     tok = load_tokenizer(cfg.tokenizer.name)
     info = TokenizerInfo.from_tokenizer(cfg.tokenizer.name, tok)
     item_tok = ItemTokenizer(tok, cfg.data.item_text.max_attr_tokens, cfg.data.item_text.max_attrs)
-    tokens = tokenize_catalogue(raw, catalogue, item_tok)
+    tokens = tokenize_catalogue(raw, catalogue, item_tok, progress)
     write_items(root / ITEMS_FILE, catalogue, [raw.items[i][0] for i in catalogue], raw.attributes,
                 [raw.items[i][1] for i in catalogue], tokens)
 

@@ -1,0 +1,140 @@
+"""`python benchmarks/run.py`: one tiny case of every suite on CPU (`--suite all --smoke`, in a subprocess,
+into a temporary folder), then the rows' schema, ours-vs-reference agreement, the table / JSON / PNG
+outputs, `--compare`, and `--readme` on a copy of the README."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness import PERF_END, PERF_START, ROW_KEYS, read_jsonl
+from benchmarks.run import main
+
+REPO = Path(__file__).resolve().parent.parent
+SUITES = ("kernels", "train", "data")
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks/run.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_cli("--suite", "all", "--device", "cpu", "--shapes", "tiny", "--smoke", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc.stdout, {s: read_jsonl(out / f"{s}-cpu.jsonl") for s in SUITES}
+
+
+def test_every_suite_writes_json_lines_a_table_and_a_plot(smoke):
+    out, stdout, rows = smoke
+    for suite in SUITES:
+        assert rows[suite], suite
+        assert (out / f"{suite}-cpu.png").stat().st_size > 0
+        md = (out / f"{suite}-cpu.md").read_text()
+        assert md.startswith(f"# {suite} on ") and "| name | provider | shape |" in md
+        assert f"suite={suite}" in stdout
+    assert stdout.count("| name | provider | shape | dtype | median ms |") == 3  # the printed tables
+
+
+def test_rows_follow_one_schema(smoke):
+    _, _, rows = smoke
+    for row in (r for suite in SUITES for r in rows[suite]):
+        where = f"{row.get('suite')}/{row.get('name')}/{row.get('provider')}"
+        assert set(ROW_KEYS) <= set(row), (where, set(ROW_KEYS) - set(row))
+        assert row["device"] == "cpu" and row["shapes"] == "tiny" and row["mfu"] is None, where
+        assert isinstance(row["torch"], str) and isinstance(row["device_name"], str), where
+        assert row["git_sha"] is None or isinstance(row["git_sha"], str), where
+        assert row["ok"] in (True, False, None), where
+        for key, value in (kv.split("=", 1) for kv in row["shape"].split(",")):
+            assert str(row[key]) == value, where  # every shape field is also a column of its own
+        if row.get("skipped"):
+            assert row["median_ms"] is None, where
+            continue
+        if row["median_ms"] is not None:
+            assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], where
+        for key in ("tokens_per_s", "sequences_per_s"):
+            assert row[key] is None or (isinstance(row[key], float) and row[key] > 0), where
+    for row in rows["train"]:
+        if not row.get("skipped"):
+            assert row["tokens_per_s"] > 0 and row["sequences_per_s"] > 0 and row["flops"] > 0
+            assert "L_att" in row["flops_formula"]
+
+
+def test_ours_and_the_references_agree(smoke):
+    _, _, rows = smoke
+    checked = {(r["suite"], r["name"], r["provider"]): r for s in SUITES for r in rows[s] if r["ok"] is not None}
+    failed = [k for k, r in checked.items() if r["ok"] is not True]
+    assert not failed, failed
+    expected = [
+        ("kernels", "attention_core", "triton"), ("kernels", "attention_layer", "hf_longformer"),
+        ("kernels", "infonce", "chunked"),
+        *[("train", "encoder_fwd_bwd_adamw", p) for p in ("ours-sdpa", "hf_longformer", "hf_roberta_sdpa")],
+        *[("train", "pretrain_step", p) for p in ("ours-sdpa", "hf_longformer", "hf_roberta_sdpa",
+                                                   "ours-sdpa+zero1", "ours-sdpa+zero2", "ours-sdpa+zero3")],
+        ("data", "stream", "shards"), ("data", "stream", "raw_tokenize"), ("data", "consume", "ours-sdpa"),
+    ]
+    assert [k for k in expected if k not in checked] == []
+    for stage in (1, 2, 3):  # ZeRO changes where tensors live, not the loss
+        assert checked[("train", "pretrain_step", f"ours-sdpa+zero{stage}")]["max_abs_err"] < 1e-4
+    step = checked[("train", "pretrain_step", "ours-sdpa")]
+    assert set(step["losses"]) == {"loss", "loss_cl", "loss_mlm", "loss_map"}
+    data = {(r["name"], r["provider"]): r for r in rows["data"]}
+    assert data[("stream", "shards")]["headroom"] > 0 and data[("stream", "raw_tokenize")]["mismatched_samples"] == 0
+
+
+def test_compare_prints_ratios_of_matching_rows(smoke, tmp_path, capsys):
+    out, _, rows = smoke
+    slower = [dict(r, median_ms=2 * r["median_ms"]) if r["median_ms"] else r for r in rows["train"]]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slower))
+    assert main(["--compare", str(out / "train-cpu.jsonl"), str(tmp_path / "b.jsonl")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pretrain_step" in line]
+    assert len(lines) == 6 and all(line.endswith("| 2.00 |") for line in lines)
+
+
+def test_readme_section_is_regenerated_between_the_markers_only(smoke, tmp_path, capsys):
+    out, _, rows = smoke
+    results = tmp_path / "results"
+    shutil.copytree(out, results)
+    # a GPU run beside the CPU one: its rows come first, with their device and MFU
+    gpu = dict(rows["train"][0], device="cuda", device_name="NVIDIA H100 80GB HBM3", mfu=0.25, peak_mem_bytes=2**30)
+    (results / "train-cuda.jsonl").write_text(json.dumps(gpu) + "\n")
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    before = readme.read_text()
+    assert main(["--readme", str(readme), "--out-dir", str(results)]) == 0
+    text = readme.read_text()
+    head, rest = text.split(PERF_START)
+    body, tail = rest.split(PERF_END)
+    assert head == before.split(PERF_START)[0] and tail == before.split(PERF_END)[1]
+    for suite in SUITES:
+        assert f"### {suite}" in body
+    train = body.split("### train")[1].split("###")[0]
+    table = [line for line in train.splitlines() if line.startswith("| ") and "provider" not in line]
+    assert "cuda: NVIDIA H100" in table[0] and "25.0%" in table[0] and "1024.0" in table[0]
+    assert all("cpu: " in line for line in table[1:]) and "MFU" in train
+    assert main(["--readme", str(readme), "--out-dir", str(results)]) == 0
+    assert readme.read_text() == text  # idempotent
+    capsys.readouterr()
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="perf:start"):
+        main(["--readme", str(readme), "--out-dir", str(results)])
+
+
+def test_gpu_shapes_on_cpu_are_refused_before_any_work(tmp_path):
+    proc = run_cli("--suite", "train", "--device", "cpu", "--shapes", "paper", "--out", str(tmp_path / "x.jsonl"),
+                   timeout=120)
+    assert proc.returncode == 2 and "GPU shapes" in proc.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_cli_offers_every_registered_suite():
+    from benchmarks import harness, run
+
+    assert set(run.SUITE_NAMES) == set(harness.SUITES)
