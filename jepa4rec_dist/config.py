@@ -197,6 +197,9 @@ class ModelConfig:
     type_vocab_size: int = 4  # CLS, key, value, pad
     attention_window: int = 32  # one-sided: |i - j| <= window (RecFormer's attention_window 64)
     attention_backend: str = "auto"  # auto | reference | sdpa | flex | triton | flash
+    # Sequence / item representation: "cls" = final CLS state (RecFormer, SPEC); "mean" = mean over the
+    # non-pad tokens, what sentence encoders such as all-MiniLM-L6-v2 were trained to produce.
+    pooling: Literal["cls", "mean"] = "cls"
     gradient_checkpointing: bool = False
 
     def validate(self, prefix: str) -> None:

@@ -136,3 +136,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_mean_pooling_ignores_padding():
+    cfg = ModelConfig(init_from=None, vocab_size=50, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                      pooling="mean")
+    enc = Encoder(cfg, pad_id=0)
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = enc.pool(hidden, mask)
+    assert torch.allclose(pooled[0], hidden[0, :3].mean(0)) and torch.allclose(pooled[1], hidden[1].mean(0))
+    assert torch.equal(Encoder(ModelConfig(**{**cfg.__dict__, "pooling": "cls"}), 0).pool(hidden, mask), hidden[:, 0])

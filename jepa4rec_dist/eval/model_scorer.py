@@ -15,7 +15,7 @@ from jepa4rec_dist.config import SequenceConfig
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
 from jepa4rec_dist.data.items import ItemTable
 from jepa4rec_dist.data.tokenization import TokenizerInfo
-from jepa4rec_dist.model.encoder import Encoder, cls
+from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.engine import to_device
 
 
@@ -32,7 +32,7 @@ def encode_items(encoder: Encoder, table: ItemTable, tok: TokenizerInfo, seq_cfg
     for lo in tqdm(range(0, len(order), batch_size), desc="encode items", unit="batch", disable=not progress, leave=False):
         encs = [seq.item(int(i)) for i in order[lo:lo + batch_size]]
         batch = to_device(pad_batch(encs, tok, seq_cfg, seq_cfg.max_items, prefix="next_"), torch.device(device))
-        out.append(F.normalize(cls(encoder.encode(batch, "next_")).float(), dim=-1))
+        out.append(F.normalize(encoder.represent(batch, "next_").float(), dim=-1))
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -48,7 +48,7 @@ class EncoderScorer:
     def user_state(self, batch: dict) -> torch.Tensor:
         was_training = self.encoder.training
         self.encoder.eval()
-        h = cls(self.encoder.encode(to_device(batch, self.device), "history_"))
+        h = self.encoder.represent(to_device(batch, self.device), "history_")
         self.encoder.train(was_training)
         return F.normalize(h.float(), dim=-1)
 

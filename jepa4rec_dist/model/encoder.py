@@ -124,6 +124,17 @@ class Encoder(nn.Module):
         return self(batch[prefix + input_key], batch[prefix + "position_ids"], batch[prefix + "token_type_ids"],
                     batch[prefix + "item_position_ids"], batch[prefix + "attention_mask"], batch[prefix + "global_mask"])
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, H): the CLS state, or the mean over non-pad tokens (`model.pooling`)."""
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def represent(self, batch: dict, prefix: str, input_key: str = "input_ids") -> torch.Tensor:
+        """The pooled representation of one side of a batch."""
+        return self.pool(self.encode(batch, prefix, input_key), batch[prefix + "attention_mask"])
+
 
 class MLMHead(nn.Module):
     """BERT/RoBERTa-style head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings."""

@@ -3,7 +3,7 @@
 JEPA4Rec step (the ijepa reading order):
   1. target encoder f' (EMA of f, no grad) encodes the unmasked history and next item;
   2. context encoder f encodes the masked history and masked next item, the predictor g maps their CLS;
-  3. losses: L_map = mean over {history, item} of mean_b || norm(g(f(ctx))) - norm(sg(f'(tgt))) ||^2 (CLS),
+  3. losses: L_map = mean over {history, item} of mean_b || norm(g(f(ctx))) - norm(sg(f'(tgt))) ||^2 (pooled: CLS by default),
      L_mlm = cross-entropy on the masked positions of both context views (no extra pass),
      L_cl = InfoNCE(history CLS, next-item CLS) of the context encoder, negatives = every next item of the
      global batch; L = w_cl L_cl + w_mlm L_mlm + w_map L_map;
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa4rec_dist.config import ModelConfig, PretrainConfig
-from jepa4rec_dist.model.encoder import Encoder, MLMHead, cls, mlm_loss
+from jepa4rec_dist.model.encoder import Encoder, MLMHead, mlm_loss
 from kernels.infonce import infonce_loss
 
 
@@ -118,20 +118,22 @@ class PretrainModel(nn.Module):
                 raise ValueError("the JEPA objective needs the target encoder (make_target_encoder)")
             # 1. target views, no grad
             with torch.no_grad():
-                t_hist = cls(target.encode(batch, "history_"))
-                t_item = cls(target.encode(batch, "next_"))
+                t_hist = target.represent(batch, "history_")
+                t_item = target.represent(batch, "next_")
             # 2. context views
             h_hist = self.encoder.encode(batch, "history_", ctx)
             h_item = self.encoder.encode(batch, "next_", ctx)
             # 3. losses
-            p_hist = F.normalize(self.predictor(cls(h_hist)).float(), dim=-1)
-            p_item = F.normalize(self.predictor(cls(h_item)).float(), dim=-1)
+            r_hist = self.encoder.pool(h_hist, batch["history_attention_mask"])
+            r_item = self.encoder.pool(h_item, batch["next_attention_mask"])
+            p_hist = F.normalize(self.predictor(r_hist).float(), dim=-1)
+            p_item = F.normalize(self.predictor(r_item).float(), dim=-1)
             l_map = 0.5 * ((p_hist - F.normalize(t_hist.float(), dim=-1)).pow(2).sum(-1).mean()
                            + (p_item - F.normalize(t_item.float(), dim=-1)).pow(2).sum(-1).mean())
             labels = torch.cat([batch["history_mlm_labels"].flatten(), batch["next_mlm_labels"].flatten()])
             hidden = torch.cat([h_hist.flatten(0, 1), h_item.flatten(0, 1)])
             l_mlm = self._mlm(hidden, labels, ops)
-            l_cl = self._contrastive(cls(h_hist), cls(h_item), ops)
+            l_cl = self._contrastive(r_hist, r_item, ops)
             out["loss_map"] = l_map
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm + self.cfg.map_weight * l_map
         else:
@@ -139,9 +141,10 @@ class PretrainModel(nn.Module):
             m_item = self.encoder.encode(batch, "next_", ctx)
             l_mlm = self._mlm(m_hist, batch["history_mlm_labels"], ops) + self._mlm(m_item, batch["next_mlm_labels"], ops)
             if self.cfg.recformer_cl_views == "masked":
-                q, k = cls(m_hist), cls(m_item)
+                q = self.encoder.pool(m_hist, batch["history_attention_mask"])
+                k = self.encoder.pool(m_item, batch["next_attention_mask"])
             else:
-                q, k = cls(self.encoder.encode(batch, "history_")), cls(self.encoder.encode(batch, "next_"))
+                q, k = self.encoder.represent(batch, "history_"), self.encoder.represent(batch, "next_")
             l_cl = self._contrastive(q, k, ops)
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm
         out["loss_cl"] = l_cl

@@ -35,7 +35,7 @@ from jepa4rec_dist.eval.harness import EvalResult, evaluate
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import save_export
-from jepa4rec_dist.model.encoder import Encoder, cls
+from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
 from jepa4rec_dist.train.pretrain import Runtime
@@ -72,7 +72,7 @@ class FinetuneModel(nn.Module):
         self.encoder, self.temperature, self.loss_backend = encoder, temperature, loss_backend
 
     def forward(self, batch: dict, item_table: torch.Tensor) -> torch.Tensor:
-        hist = F.normalize(cls(self.encoder.encode(batch, "history_")).float(), dim=-1)
+        hist = F.normalize(self.encoder.represent(batch, "history_").float(), dim=-1)
         return infonce_loss(hist, item_table, batch["next_item_index"], temperature=self.temperature,
                             normalize=False, backend=self.loss_backend)
 
