@@ -267,6 +267,7 @@ class FinetuneConfig:
     stage2_epochs: int = 3
     patience: int = 2  # epochs without a better validation NDCG@10
     lr: float = 5e-5
+    stage2_lr: float | None = None  # null: `lr`. The frozen table of stage 2 tolerates a larger step.
     batch_size: int = 16
     temperature: float = 0.05
     loss_backend: str = "auto"  # infonce backend: auto | reference | triton | chunked

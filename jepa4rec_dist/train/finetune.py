@@ -110,16 +110,16 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     best = {"ndcg@10": -1.0, "stage": None, "epoch": None}
     history: list[dict] = []
 
-    def make_engine(enc, epochs):
+    def make_engine(enc, epochs, lr):
         model = FinetuneModel(enc, ft.temperature, ft.loss_backend).to(device)
         total = max(steps_per_epoch * epochs, 1)
         if runtime.distributed:
             from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
 
-            spec = OptimSpec(ft.lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, ft.batch_size, 1,
+            spec = OptimSpec(lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, ft.batch_size, 1,
                              cfg.train.zero_stage)
             return DeepSpeedEngine(model, spec, runtime.world, bf16=dtype == torch.bfloat16), model
-        return TorchEngine(model, ft.lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, 1, device, dtype), model
+        return TorchEngine(model, lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, 1, device, dtype), model
 
     def encode(model):  # every rank, same batches (a collective under ZeRO-3)
         return encode_items(model.encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress and main)
@@ -181,14 +181,14 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
                 break
 
     # stage 1: re-encode each epoch; epoch 0's validation is the zero-shot model
-    engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs)
+    engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs, ft.lr)
     item_table = encode(model)
     validate(engine, model, item_table, 1, 0)
     run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True)
     # stage 2: the best model so far, with its table frozen
     if ft.stage2_epochs:
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
-        engine, model = make_engine(encoder, ft.stage2_epochs)
+        engine, model = make_engine(encoder, ft.stage2_epochs, ft.stage2_lr or ft.lr)
         run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False)
     result = None
     if main:
