@@ -273,6 +273,7 @@ class FinetuneConfig:
     loss_backend: str = "auto"  # infonce backend: auto | reference | triton | chunked
     low_resource_fraction: float | None = None  # train on this share of training users (seeded)
     max_steps_per_epoch: int | None = None
+    valid_users: int | None = None  # validate on the first N validation users only (null: all); test is always all
     pairs_per_user: int = 1  # (history, next item) pairs drawn from each training sequence per epoch
     seed: int = 0
 
@@ -282,6 +283,8 @@ class FinetuneConfig:
         _positive(self.batch_size, f"{prefix}.batch_size")
         _positive(self.temperature, f"{prefix}.temperature")
         _positive(self.pairs_per_user, f"{prefix}.pairs_per_user")
+        if self.valid_users is not None:
+            _positive(self.valid_users, f"{prefix}.valid_users")
         if self.low_resource_fraction is not None and not 0 < self.low_resource_fraction <= 1:
             raise ValueError(f"{prefix}.low_resource_fraction: must be in (0, 1]")
 

@@ -13,6 +13,7 @@ split is evaluated once, with the best model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -51,10 +52,16 @@ def eval_loader(cfg: Config, root: Path, tok: TokenizerInfo, table: ItemTable, s
     return ShardLoader(root, split, lcfg, collator, shuffle=False)
 
 
-def run_eval(cfg: Config, scorer, root: Path, tok, table, split: str, progress: bool = True) -> EvalResult:
+def run_eval(cfg: Config, scorer, root: Path, tok, table, split: str, progress: bool = True,
+             max_users: int | None = None) -> EvalResult:
+    """Evaluate `scorer` on a split; `max_users` keeps the first users (in shard order) only."""
     loader = eval_loader(cfg, root, tok, table, split)
-    return evaluate(scorer, loader, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
-                    exclude_history=cfg.eval.exclude_history, progress=progress, total=len(loader))
+    batches, total = loader, len(loader)
+    if max_users is not None:
+        total = min(total, -(-max_users // cfg.eval.batch_size))
+        batches = itertools.islice(loader, total)
+    return evaluate(scorer, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
+                    exclude_history=cfg.eval.exclude_history, progress=progress, total=total)
 
 
 def load_model_source(cfg: Config) -> Config:
@@ -140,7 +147,8 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         enc = standalone(engine, model)
         improved = None
         if main:
-            res = run_eval(cfg, EncoderScorer(enc, item_table, ft.temperature, device), root, tok, table, "valid", progress)
+            res = run_eval(cfg, EncoderScorer(enc, item_table, ft.temperature, device), root, tok, table, "valid",
+                           progress, max_users=ft.valid_users)
             row = {"stage": stage, "epoch": epoch, **{f"valid_{k}": v for k, v in res.metrics.items()}}
             metrics.write(row)
             history.append(row)
