@@ -172,6 +172,8 @@ class HFEncoder(nn.Module):
         return self.model(**kwargs).last_hidden_state[:, : input_ids.shape[1]]
 
     encode = Encoder.encode
+    pool = Encoder.pool
+    represent = Encoder.represent
 
 
 @torch.no_grad()
