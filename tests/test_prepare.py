@@ -225,3 +225,20 @@ def test_generic_missing_column_is_named(tmp_path):
                                  f"--data.generic.interactions={raw / 'inter.csv'}", "--data.item_text.attributes=[title]"])
     with pytest.raises(ValueError, match=r"items\.csv: missing column\(s\) \['title'\]"):
         prepare(cfg, progress=False)
+
+
+def test_low_resource_view_keeps_a_seeded_share_of_training_users(uneven_dataset):
+    from jepa4rec_dist.data.prepare import low_resource_dataset
+    from jepa4rec_dist.data.shards import iter_records, load_manifest
+
+    root, manifest = uneven_dataset
+    sub = low_resource_dataset(root, 0.2, seed=3)
+    train = [r["key"] for r in iter_records(sub, "train")]
+    assert len(train) == round(0.2 * manifest["counts"]["splits"]["train"]["sequences"]) == 7
+    assert set(train) <= {r["key"] for r in iter_records(root, "train")}
+    assert low_resource_dataset(root, 0.2, seed=3) == sub  # built once, reused
+    other = [r["key"] for r in iter_records(low_resource_dataset(root, 0.2, seed=4), "train")]
+    assert other != train
+    assert verify_dataset(sub) == {"train": 7, "valid": manifest["counts"]["splits"]["valid"]["sequences"],
+                                   "test": manifest["counts"]["splits"]["test"]["sequences"]}
+    assert load_manifest(sub)["low_resource"] == {"fraction": 0.2, "seed": 3, "source": str(root)}
