@@ -16,6 +16,17 @@ import torch
 from jepa4rec_dist.config import load_config
 
 
+def launcher_cli(job: str, doc: str, argv: list[str] | None = None) -> int:
+    """The whole of `launch/pretrain.py` and `launch/finetune.py`: parse, then `launch_main`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, later wins)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args, overrides = parser.parse_known_args(argv)
+    return launch_main(job, args.config, overrides, dict(os.environ), args.local_rank)
+
+
 def runtime_from_env(env: dict, local_rank_arg: int | None):
     from jepa4rec_dist.train.pretrain import Runtime
 
