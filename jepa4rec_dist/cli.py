@@ -151,6 +151,7 @@ def cmd_pretrain(args, overrides: list[str]) -> int:
 
 
 def cmd_finetune(args, overrides: list[str]) -> int:
+    from jepa4rec_dist.eval.harness import PROTOCOLS
     from jepa4rec_dist.eval.run import format_table
     from jepa4rec_dist.train.finetune import finetune
 
@@ -160,21 +161,32 @@ def cmd_finetune(args, overrides: list[str]) -> int:
     cfg = _config(args, overrides, args.data, extra)
     _setup_logging(Path(cfg.finetune.output_dir), args.verbose)
     result = finetune(cfg)
-    print(format_table([{"method": "finetuned (best)", "setting": "full", **result["test"], "seconds": 0}], tuple(cfg.eval.ks)))
-    print(f"best: stage {result['best']['stage']} epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f}; "
-          f"export in {Path(cfg.finetune.output_dir) / 'best'}")
+    rows = [{"method": f"finetuned (best): {p}", "setting": "all", **result["test_by_protocol"][p], "seconds": 0}
+            for p in sorted(PROTOCOLS, key=lambda p: p != result["primary_protocol"])]
+    print(format_table(rows, tuple(cfg.eval.ks)))
+    out = Path(cfg.finetune.output_dir)
+    print(f"best: stage {result['best']['stage']} epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f} "
+          f"({result['primary_protocol']}); export in {out / 'best'}; test rows by setting in {out / 'test.json'}")
     return 0
 
 
 def cmd_evaluate(args, overrides: list[str]) -> int:
-    from jepa4rec_dist.eval.run import dataset, evaluate_rows, format_table, model_scorer, write_rows
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.run import (
+        evaluate_method,
+        format_tables,
+        model_scorer,
+        ranks_dir,
+        write_evaluation,
+    )
 
     cfg = _config(args, overrides, args.data)
     _setup_logging(None, args.verbose)
     if not args.model and not args.baselines:
-        raise ValueError("evaluate: give --model EXPORT_DIR (repeatable) and/or --baselines popularity,sasrec,graph")
-    root, tok, table = dataset(cfg)
-    rows = []
+        raise ValueError("evaluate: give --model EXPORT_DIR (repeatable) and/or --baselines "
+                         "popularity,sasrec,gru4rec,graph,text-pop")
+    ctx = EvalContext.build(cfg)
+    evaluated = []
     if args.ray_address:
         import ray
 
@@ -184,21 +196,41 @@ def cmd_evaluate(args, overrides: list[str]) -> int:
     for model_dir in args.model:
         t0 = time.perf_counter()
         if args.ray_address:
-            rows += ray_evaluate(cfg, model_dir, args.actors, args.split)[0]
+            evaluated.append(ray_evaluate(cfg, model_dir, args.actors, args.split, ctx=ctx))
             continue
-        scorer = model_scorer(cfg, model_dir, tok, table)
-        rows += evaluate_rows(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0)[0]
+        scorer = model_scorer(cfg, model_dir, ctx.tok, ctx.table)
+        evaluated.append(evaluate_method(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0, ctx=ctx))
     if args.baselines:
         from jepa4rec_dist.baselines import build_baseline
 
         for name in args.baselines.split(","):
             t0 = time.perf_counter()
-            scorer = build_baseline(name.strip(), cfg)
-            rows += evaluate_rows(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0)[0]
-    print(format_table(rows, tuple(cfg.eval.ks)))
+            scorer = build_baseline(name.strip(), cfg, ctx=ctx)
+            evaluated.append(evaluate_method(cfg, scorer, args.split, seconds_fit=time.perf_counter() - t0, ctx=ctx,
+                                             fit=getattr(scorer, "fit_report", {})))
     out = Path(args.out) if args.out else Path(cfg.data.out_dir) / f"eval-{args.split}.json"
-    write_rows(rows, out)
-    print(f"wrote {out}")
+    doc = write_evaluation(out, cfg, ctx, evaluated, args.split)
+    print(format_tables(doc["rows"], tuple(cfg.eval.ks), doc["primary_protocol"], ctx.buckets.describe()))
+    for entry in doc["methods"]:
+        if entry["fit"]:
+            print(f"{entry['method']}: " + ", ".join(f"{k} {v}" for k, v in entry["fit"].items() if not isinstance(v, list | dict)))
+    print(f"wrote {out}" + (f" and per-user ranks in {ranks_dir(out)}/" if cfg.eval.write_ranks else ""))
+    return 0
+
+
+def cmd_compare(args, overrides: list[str]) -> int:
+    from jepa4rec_dist.eval.compare import compare, format_comparison, resolve
+    from jepa4rec_dist.eval.harness import PROTOCOLS
+
+    cfg = _config(args, overrides)
+    a, b = resolve(args.a, args.run), resolve(args.b, args.run)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    settings = tuple(s.strip() for s in args.setting.split(","))
+    rows = compare(a, b, settings, protocols, samples=args.samples or cfg.eval.bootstrap_samples, seed=args.seed)
+    if args.json:
+        print(json.dumps({"a": str(a.path), "b": str(b.path), "a_method": a.method, "b_method": b.method, "rows": rows}))
+    else:
+        print(format_comparison(a, b, rows))
     return 0
 
 
@@ -298,16 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="full-ranking metrics of exports and baselines: table + JSON")
+    p = sub.add_parser("evaluate", help="full-ranking metrics of exports and baselines, both protocols, by setting: "
+                                        "tables + JSON + per-user rank files")
     p.add_argument("--data", help="prepared directory (data.out_dir)")
     p.add_argument("--model", action="append", default=[], help="export directory (repeatable)")
-    p.add_argument("--baselines", help="comma-separated: popularity,sasrec,graph")
+    p.add_argument("--baselines", help="comma-separated: popularity,sasrec,gru4rec,graph,text-pop")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--out", help="JSON output (default DATA/eval-SPLIT.json)")
     p.add_argument("--ray-address", help="evaluate exports on a pool of Ray actors on this cluster")
     p.add_argument("--actors", type=int, default=2, help="Ray actors (model replicas) with --ray-address")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="A - B on NDCG@10, Recall@10, MRR with a 95% paired bootstrap interval and p-value")
+    p.add_argument("a", help="rank file (.parquet) or, with --run, a method name")
+    p.add_argument("b", help="rank file (.parquet) or, with --run, a method name")
+    p.add_argument("--run", help="an evaluation JSON of `jepa4rec evaluate`: A and B name two of its methods")
+    p.add_argument("--setting", default="all", help="comma-separated: all,cold,tail,head,new-items (default all)")
+    p.add_argument("--protocol", default="both", choices=["both", "history-excluded", "history-included"])
+    p.add_argument("--samples", type=int, help="bootstrap / randomization draws (default eval.bootstrap_samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("embed", help="item embeddings of an export to Parquet")
     p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")

@@ -21,7 +21,9 @@ from typing import Any, Literal
 import yaml
 
 from jepa4rec_dist.baselines.graph import GraphConfig
+from jepa4rec_dist.baselines.gru4rec import GRU4RecConfig
 from jepa4rec_dist.baselines.sasrec import SASRecConfig
+from jepa4rec_dist.baselines.text_pop import TextPopConfig
 
 # --------------------------------------------------------------------------------------------------------
 # Sections
@@ -76,6 +78,18 @@ class GenericConfig:
 
 
 @dataclass
+class NewItemsConfig:
+    """A cold-item split: this share of the catalogue is held out of training (seeded); 0 = none."""
+
+    fraction: float = 0.0
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"{prefix}.fraction: must be in [0, 1), got {self.fraction}")
+
+
+@dataclass
 class DataConfig:
     dataset: Literal["ml-100k", "ml-1m", "amazon", "generic"] = "ml-100k"
     out_dir: str = "runs/data/ml-100k"
@@ -86,10 +100,12 @@ class DataConfig:
     item_text: ItemTextConfig = field(default_factory=ItemTextConfig)
     amazon: AmazonConfig = field(default_factory=AmazonConfig)
     generic: GenericConfig = field(default_factory=GenericConfig)
+    new_items: NewItemsConfig = field(default_factory=NewItemsConfig)
 
     def validate(self, prefix: str) -> None:
         _positive(self.samples_per_shard, f"{prefix}.samples_per_shard")
         self.item_text.validate(f"{prefix}.item_text")
+        self.new_items.validate(f"{prefix}.new_items")
         if self.dataset == "amazon" and (not self.amazon.dir or not self.amazon.categories):
             raise ValueError(f"{prefix}.amazon.dir and {prefix}.amazon.categories are required for dataset 'amazon'")
         if self.dataset == "generic":
@@ -294,14 +310,27 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50])
     batch_size: int = 64
     item_chunk: int = 65536  # items scored at once (never the whole catalogue for big ones)
-    exclude_history: bool = False  # RecFormer ranks against all items, history included
-    cold_start_k: int = 5  # cold-start users: test target seen fewer than k times in training
+    # The primary protocol (model selection, early stopping); tables always report both. true: the user's
+    # earlier items leave the candidates (RecBole, most MovieLens tables); false: they are ranked too
+    # (RecFormer's code); null: true unless >= 1% of the dataset's interactions repeat an earlier item of
+    # the same user (MovieLens, Amazon reviews: true).
+    exclude_history: bool | None = None
+    # Rows by the target's training count: cold = count < cold_below; head = the top head_share of items
+    # by count; tail = the rest.
+    cold_below: int = 5
+    head_share: float = 0.2
+    bootstrap_samples: int = 10000  # paired bootstrap / randomization draws of `jepa4rec compare`
+    write_ranks: bool = True  # per-user ranks (Parquet) beside every metrics JSON
 
     def validate(self, prefix: str) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
             raise ValueError(f"{prefix}.ks: must be positive cut-offs, got {self.ks}")
         _positive(self.batch_size, f"{prefix}.batch_size")
         _positive(self.item_chunk, f"{prefix}.item_chunk")
+        _positive(self.cold_below, f"{prefix}.cold_below")
+        _positive(self.bootstrap_samples, f"{prefix}.bootstrap_samples")
+        if not 0 < self.head_share < 1:
+            raise ValueError(f"{prefix}.head_share: must be in (0, 1), got {self.head_share}")
 
 
 @dataclass
@@ -309,7 +338,9 @@ class BaselinesConfig:
     """Baselines evaluated through the same harness (`jepa4rec evaluate --baselines ...`)."""
 
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
+    text_pop: TextPopConfig = field(default_factory=TextPopConfig)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Baselines through the shared harness: popularity and the graph heuristic against hand-computed rankings,
-SASRec on a deterministic synthetic pattern, and all of them on real ml-100k."""
+"""Baselines through the shared harness: popularity, the graph heuristic and text + popularity against
+hand-computed rankings, SASRec and GRU4Rec on a deterministic synthetic pattern, held-out new items never
+trained, and all of them on real ml-100k."""
 
 import csv
 import math
@@ -11,8 +12,10 @@ import torch
 
 from jepa4rec_dist.baselines import next_item_loader
 from jepa4rec_dist.baselines.graph import GraphConfig, GraphScorer, neighbor_lists, transition_counts
+from jepa4rec_dist.baselines.gru4rec import GRU4Rec, GRU4RecConfig, GRU4RecScorer
 from jepa4rec_dist.baselines.popularity import PopularityScorer
 from jepa4rec_dist.baselines.sasrec import SASRecConfig, SASRecScorer, history_ids, training_windows
+from jepa4rec_dist.baselines.text_pop import TextPopConfig, TextPopScorer
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.data.prepare import prepare
 from jepa4rec_dist.data.shards import iter_records
@@ -221,6 +224,76 @@ def test_sasrec_bad_input():
         SASRecScorer(5).fit(records([1, 5]), progress=False)
     with pytest.raises(ValueError, match=r"unknown item indices \[-1\]"):
         rank_batch(SASRecScorer(5), make_batch([[-1, 2]], [0]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# GRU4Rec
+# --------------------------------------------------------------------------------------------------------
+
+def small_gru(**kw):
+    return GRU4RecConfig(**{"epochs": 40, "batch_size": 32, "lr": 1e-2, "embedding": 32, "hidden": 32,
+                            "dropout": 0.1, "max_len": 8, "patience": 3, **kw})
+
+
+def test_gru4rec_never_reads_the_left_padding():
+    model = GRU4Rec(9, small_gru()).eval()
+    with torch.no_grad():
+        padded = model(torch.tensor([[0, 0, 0, 3, 5, 7]]))  # left-padded window of three items
+        plain = model(torch.tensor([[3, 5, 7]]))
+    assert torch.allclose(padded[0, 3:], plain[0], atol=1e-6)
+    assert (padded[0, :3] == 0).all()
+
+
+def test_gru4rec_learns_the_successor_pattern(tmp_path):
+    root = write_successor_dataset(tmp_path)
+    train = list(iter_records(root, "train"))
+    valid = list(next_item_loader(root, "valid", batch_size=64))
+    scorer = GRU4RecScorer(20, small_gru()).fit(train, valid=valid, progress=False)
+    test = evaluate(scorer, next_item_loader(root, "test", batch_size=64), ks=(1, 10), progress=False).metrics
+    assert test["recall@1"] >= 0.9 and test["recall@10"] == 1.0, test
+    report = scorer.fit_report
+    assert report["epochs"] == len(scorer.history) and report["best_epoch"] == scorer.best_epoch
+    assert report["best_valid_ndcg@10"] >= 0.9 and report["stopped"] in ("patience", "epoch cap")
+
+
+@pytest.mark.parametrize("cls,cfg", [(SASRecScorer, small_sasrec), (GRU4RecScorer, small_gru)])
+def test_held_out_new_items_get_no_training(cls, cfg):
+    train = records(*[[(s + j) % 10 for j in range(6)] for s in range(10)])
+    trainable = np.ones(12, dtype=bool)
+    trainable[[10, 11]] = False  # items 10 and 11 never occur: held out as new
+    scorer = cls(12, cfg(epochs=3))
+    before = scorer.model.item_table().detach().clone()
+    scorer.fit(train, progress=False, trainable=trainable)
+    after = scorer.model.item_table().detach()
+    assert torch.equal(after[10:], before[10:])  # not even pushed down as negatives
+    assert not torch.equal(after[:10], before[:10])
+    with pytest.raises(ValueError, match="held-out"):
+        cls(12, cfg(epochs=1)).fit(records([1, 10, 2]), progress=False, trainable=trainable)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text zero-shot + popularity prior
+# --------------------------------------------------------------------------------------------------------
+
+def test_text_pop_scores_by_hand_and_picks_beta_on_validation():
+    emb = unit_vectors([0, 90, 10, 80])  # items 0, 2 point one way; 1, 3 the other
+    train = records([1, 1, 1, 1], [1, 3], [3, 0])  # counts 1, 5, 0, 2
+    scorer = TextPopScorer(4, emb, TextPopConfig(betas=[0.0], last_items_grid=[1])).fit(train)
+    state = scorer.user_state(make_batch([[0]], [2]))
+    expected = torch.tensor(emb @ emb[0], dtype=torch.float32)  # beta 0: plain cosine to item 0
+    assert torch.allclose(scorer.item_scores(state, 0, 4)[0], expected, atol=1e-6)
+    # validation users whose next item is the popular item 1, with a history close to item 0 in text:
+    # only a large beta gets it first, so the grid must pick the largest beta
+    valid = [make_batch([[0], [2]], [1, 1])]
+    tuned = TextPopScorer(4, emb, TextPopConfig(betas=[0.0, 0.1, 5.0], last_items_grid=[1, 2])).fit(train, valid)
+    assert tuned.beta == 5.0 and tuned.fit_report["beta"] == 5.0 and tuned.fit_report["grid_points"] == 6
+    assert tuned.fit_report["beta_at_grid_edge"]
+    scores = tuned.item_scores(tuned.user_state(make_batch([[0]], [1])), 0, 4)[0]
+    assert torch.allclose(scores, expected + 5.0 * torch.log1p(torch.tensor([1.0, 5.0, 0.0, 2.0])), atol=1e-5)
+    # history vector: mean of the newest last_items unit vectors
+    two = TextPopScorer(4, emb, TextPopConfig(betas=[0.0], last_items_grid=[2])).fit(train)
+    mean = torch.nn.functional.normalize(torch.tensor(emb[[1, 2]].mean(0), dtype=torch.float32), dim=0)
+    assert torch.allclose(two.user_state(make_batch([[3, 1, 2]], [0]))[0], mean, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------

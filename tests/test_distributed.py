@@ -136,7 +136,8 @@ def test_export_evaluates_like_the_live_model(runs, tmp_path):
         out = tmp_path / f"e{zero}.json"
         assert main(["evaluate", "--config", str(REPO / "configs/model/tiny.yaml"), "--data", str(root), "--model",
                      str(base / f"z{zero}" / "export"), "--out", str(out), "--loader.num_workers=0"]) == 0
-        full = json.loads(out.read_text())[0]
+        doc = json.loads(out.read_text())
+        full = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == doc["primary_protocol"])
         for key in ("ndcg@10", "ndcg@50", "recall@10", "recall@50", "mrr", "users"):
             assert full[key] == pytest.approx(live[key], abs=1e-9), (zero, key)
 
@@ -204,6 +205,7 @@ def test_distributed_finetune_zero3_and_its_export(runs, tmp_path):
     assert len(trained) >= 2 and all(r["train_loss"] > 0 for r in trained)
     assert main(["evaluate", "--config", str(REPO / "configs/model/tiny.yaml"), "--data", str(root), "--model",
                  str(out / "best"), "--out", str(tmp_path / "e.json"), "--loader.num_workers=0"]) == 0
-    full = json.loads((tmp_path / "e.json").read_text())[0]
+    doc = json.loads((tmp_path / "e.json").read_text())
+    full = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == doc["primary_protocol"])
     for key in ("ndcg@10", "recall@10", "mrr", "users"):
         assert full[key] == pytest.approx(result["test"][key], abs=1e-9), key

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from jepa4rec_dist.eval.harness import (
+    EXCLUDED,
+    INCLUDED,
     cold_start_mask,
     evaluate,
     item_counts,
     rank_batch,
+    rank_batch_both,
     sample_users,
     top_k,
 )
@@ -69,6 +72,29 @@ def test_hand_ranks_with_ties_and_history_exclusion():
         assert rank_batch(TableScorer(table), batch, chunk=chunk, exclude_history=True).tolist() == [1, 0]
 
 
+def test_both_protocols_by_hand_ties_repeat_target_and_empty_history():
+    # item:            0    1    2    3    4    5
+    table = torch.tensor([[9.0, 5.0, 5.0, 7.0, 1.0, 5.0],   # user 0: history [0, 3], target 2
+                          [2.0, 8.0, 4.0, 4.0, 6.0, 0.0],   # user 1: history [1, 2, 1], target 2 (a repeat)
+                          [3.0, 1.0, 2.0, 3.0, 3.0, 0.0]])  # user 2: no history, target 0
+    batch = make_batch([0, 1, 2], [2, 2, 0], histories=[[0, 3], [1, 2, 1], []])
+    for chunk in (1, 4, 6):
+        r = rank_batch_both(TableScorer(table), batch, chunk=chunk)
+        # user 0: items 0 (9) and 3 (7) above 5; items 1 and 5 tie (no harm). Excluded: 0 and 3 are history.
+        # user 1: items 1 (8) and 4 (6) above 4; item 3 ties. Excluded: item 1 leaves (history), item 2 is the
+        #         target itself and stays a candidate although it is in the history too.
+        # user 2: nothing above 3; items 3 and 4 tie. No history: both protocols agree.
+        assert r.included.tolist() == [2, 2, 0]
+        assert r.excluded.tolist() == [0, 1, 0]
+        assert r.ties.tolist() == [2, 1, 2]
+    result = evaluate(TableScorer(table), [batch], ks=(1,), exclude_history=True, progress=False)
+    assert result.primary == EXCLUDED and result.metrics["recall@1"] == pytest.approx(2 / 3)
+    assert result.by_protocol[INCLUDED]["recall@1"] == pytest.approx(1 / 3)
+    assert result.history_lengths.tolist() == [2, 3, 0] and result.ties.tolist() == [2, 1, 2]
+    assert result.subset(np.array([True, True, False]), protocol=INCLUDED) == \
+        metrics_from_ranks(torch.tensor([2, 2]), ks=(1,))
+
+
 @pytest.mark.parametrize("noise", [-1e-6, -1e-3, 1e-6])
 def test_target_never_outranks_itself(noise):
     table = torch.tensor([[0.3, 0.7, 0.1, 0.5], [0.9, 0.1, 0.4, 0.2]])
@@ -83,10 +109,12 @@ def test_evaluate_concatenates_batches_and_averages_per_user(tied_table):
     batches = [make_batch([0], targets[:1]), make_batch([1, 2, 3], targets[1:4]), make_batch([4, 5], targets[4:])]
     result = evaluate(TableScorer(tied_table), batches, ks=(1, 3), chunk=2, progress=False)
     full = ranks_from_scores(tied_table, torch.tensor(targets))
-    assert result.ranks.tolist() == full.tolist()
+    # no history: both protocols agree with the full-matrix ranks
+    assert result.ranks[EXCLUDED].tolist() == result.ranks[INCLUDED].tolist() == full.tolist()
+    assert result.primary == INCLUDED and result.primary_ranks.tolist() == full.tolist()
     assert result.keys == [f"u{r}" for r in range(6)]
     assert result.targets.tolist() == targets
-    assert result.metrics == metrics_from_ranks(full, ks=(1, 3))
+    assert result.metrics == result.by_protocol[INCLUDED] == metrics_from_ranks(full, ks=(1, 3))
     mask = np.array([True, False, True, False, False, False])
     assert result.subset(mask, ks=(1,)) == metrics_from_ranks(full[[0, 2]], ks=(1,))
     assert result.subset(np.zeros(6, dtype=bool)) == {"users": 0}

@@ -126,7 +126,9 @@ def test_a_killed_worker_restarts_from_the_checkpoint(cluster, uneven_dataset, t
 def test_evaluation_on_two_actors_equals_single_process(connected, uneven_dataset, tmp_path):
     from jepa4rec_dist.cluster.evaluate import ray_evaluate
     from jepa4rec_dist.config import load_config
-    from jepa4rec_dist.eval.run import dataset, evaluate_rows, model_scorer
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.harness import PROTOCOLS
+    from jepa4rec_dist.eval.run import dataset, evaluate_rows, method_rows, model_scorer
     from jepa4rec_dist.train.pretrain import pretrain
 
     root, _ = uneven_dataset
@@ -135,8 +137,11 @@ def test_evaluation_on_two_actors_equals_single_process(connected, uneven_datase
     export = pretrain(cfg, progress=False)["export"]
     _, tok, table = dataset(cfg)
     single, single_result = evaluate_rows(cfg, model_scorer(cfg, export, tok, table, progress=False), "test", progress=False)
-    rows, result = ray_evaluate(cfg, export, num_actors=2, split="test")
-    assert (result.ranks == single_result.ranks).all() and result.keys == single_result.keys
+    evaluated = ray_evaluate(cfg, export, num_actors=2, split="test")
+    result, rows = evaluated.result, method_rows(EvalContext.build(cfg), evaluated)
+    for p in PROTOCOLS:
+        assert (result.ranks[p] == single_result.ranks[p]).all()
+    assert result.keys == single_result.keys and (result.ties == single_result.ties).all()
     for a, b in zip(rows, single, strict=True):
         assert {k: v for k, v in a.items() if k not in ("method", "seconds")} == \
                {k: v for k, v in b.items() if k not in ("method", "seconds")}

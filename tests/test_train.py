@@ -65,10 +65,16 @@ def test_finetune_then_evaluate_export_gives_the_same_metrics(uneven_dataset, tm
     code = main(["evaluate", "--config", str(TINY[0]), "--data", str(root), "--model", str(tmp_path / "ft" / "best"),
                  "--out", str(out), "--loader.num_workers=0"])
     assert code == 0
-    rows = json.loads(out.read_text())
-    full = next(r for r in rows if r["setting"] == "full")
-    for key in ("ndcg@10", "recall@10", "mrr", "users"):
-        assert full[key] == pytest.approx(result["test"][key], abs=1e-9)
+    doc = json.loads(out.read_text())
+    for protocol in ("history-excluded", "history-included"):
+        full = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == protocol)
+        for key in ("ndcg@10", "recall@10", "mrr", "users"):
+            assert full[key] == pytest.approx(result["test_by_protocol"][protocol][key], abs=1e-9)
+    # the finetuning run wrote the same per-user ranks for its test split
+    ft = json.loads((tmp_path / "ft" / "test.json").read_text())
+    for protocol in ("history-excluded", "history-included"):
+        assert next(r for r in ft["rows"] if r["setting"] == "all" and r["protocol"] == protocol)["ndcg@10"] == \
+            next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == protocol)["ndcg@10"]
     assert "ndcg@10" in capsys.readouterr().out
 
 

@@ -2,8 +2,12 @@
 
 - `popularity.PopularityScorer`: training-split item counts.
 - `sasrec.SASRecScorer`: ID-based SASRec (Kang & McAuley 2018), trained here with full softmax.
+- `gru4rec.GRU4RecScorer`: ID-based GRU4Rec (Hidasi et al. 2016), full softmax. Both ID models share
+  `sequential` (training until validation NDCG@10 stops improving, held-out new items never trained).
 - `graph.GraphScorer`: the training-free graph heuristic (last items -> few-hop transition graph ->
   rank by item-text similarity), with `text_embed.item_text_embeddings` for the MiniLM item vectors.
+- `text_pop.TextPopScorer`: raw MiniLM item/history vectors + beta * log(1 + training count), beta on
+  validation: the free bar for trained text models.
 
 Every baseline is a `Scorer`, so it sees the same splits, batches and rank definition as our models.
 Submodules are not imported here: the graph baseline pulls in transformers, the others should not.
@@ -63,29 +67,50 @@ def next_item_loader(root: str | Path, split: str, batch_size: int = 256, num_wo
     return ShardLoader(root, split, cfg, collator, shuffle=False)
 
 
-def build_baseline(name: str, cfg, progress: bool = True):
-    """A fitted baseline scorer by name, trained on the dataset at `cfg.data.out_dir` (the `Config`)."""
-    from jepa4rec_dist.data.items import ItemTable
-    from jepa4rec_dist.data.shards import iter_records
+BASELINES = ("popularity", "sasrec", "gru4rec", "graph", "text-pop")
 
-    root = Path(cfg.data.out_dir)
-    num_items = ItemTable.load(root).num_items
+
+def build_baseline(name: str, cfg, progress: bool = True, ctx=None):
+    """A fitted baseline scorer by name, trained on the dataset at `cfg.data.out_dir` (the `Config`).
+    `ctx` (an `EvalContext`, built when not given) supplies the primary protocol for early stopping and
+    the held-out new items, which no baseline may train on."""
+    from jepa4rec_dist.data.shards import iter_records
+    from jepa4rec_dist.eval.context import EvalContext
+
+    ctx = ctx or EvalContext.build(cfg)
+    root, num_items = ctx.root, ctx.table.num_items
+    trainable = None
+    if ctx.new_items is not None:
+        import numpy as np
+
+        trainable = np.ones(num_items, dtype=bool)
+        trainable[ctx.new_items] = False
     if name == "popularity":
         from jepa4rec_dist.baselines.popularity import PopularityScorer
 
         return PopularityScorer(num_items).fit(iter_records(root, "train"))
-    if name == "sasrec":
-        from jepa4rec_dist.baselines.sasrec import SASRecScorer
-
+    if name in ("sasrec", "gru4rec"):
+        if name == "sasrec":
+            from jepa4rec_dist.baselines.sasrec import SASRecScorer as Model
+        else:
+            from jepa4rec_dist.baselines.gru4rec import GRU4RecScorer as Model
         valid = next_item_loader(root, "valid", cfg.eval.batch_size, 0)  # early stopping on valid NDCG@10
-        return SASRecScorer(num_items, cfg.baselines.sasrec).fit(iter_records(root, "train"), valid, progress)
-    if name == "graph":
-        from jepa4rec_dist.baselines.graph import GraphScorer
+        return Model(num_items, getattr(cfg.baselines, name)).fit(
+            iter_records(root, "train"), valid, progress, exclude_history=ctx.exclude_history, trainable=trainable)
+    if name in ("graph", "text-pop"):
         from jepa4rec_dist.baselines.text_embed import item_text_embeddings
 
         emb = item_text_embeddings(root, progress=progress)
-        return GraphScorer(num_items, emb, cfg.baselines.graph).fit(iter_records(root, "train"))
-    raise ValueError(f"unknown baseline {name!r} (known: popularity, sasrec, graph)")
+        if name == "graph":
+            from jepa4rec_dist.baselines.graph import GraphScorer
+
+            return GraphScorer(num_items, emb, cfg.baselines.graph).fit(iter_records(root, "train"))
+        from jepa4rec_dist.baselines.text_pop import TextPopScorer
+
+        valid = next_item_loader(root, "valid", cfg.eval.batch_size, 0)
+        return TextPopScorer(num_items, emb, cfg.baselines.text_pop).fit(
+            iter_records(root, "train"), valid, exclude_history=ctx.exclude_history)
+    raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
 
 
-__all__ = ["check_records", "check_histories", "next_item_loader", "build_baseline"]
+__all__ = ["BASELINES", "check_records", "check_histories", "next_item_loader", "build_baseline"]

@@ -1,4 +1,4 @@
-"""SASRec (Kang & McAuley 2018): the ID-based sequential baseline, trained here on CPU.
+"""SASRec (Kang & McAuley 2018): the ID-based self-attentive sequential baseline, trained here on CPU.
 
 Model: item embedding (row 0 = padding, item index i lives in row i + 1) scaled by sqrt(hidden), plus
 learned absolute positions over a left-padded window of `max_len` items (so the newest item always sits
@@ -6,43 +6,33 @@ at position max_len - 1), dropout, `layers` pre-LayerNorm causal Transformer blo
 Padded positions are zeroed after every block and never attended to (each position may always attend
 to itself, so a row of padding is never fully masked and softmax never sees -inf everywhere).
 
-Training: each training sequence is cut, from its end backwards, into windows of max_len + 1 items that
-overlap by one, so every consecutive pair (a transition) of the training split is predicted exactly once
-per epoch; next-item prediction at every position with FULL softmax cross-entropy over all items
-(logits = hidden state . item embeddings, tied with the input table). The original paper samples one
-negative per position with a binary loss; the full softmax is the stronger and now-standard variant and
-costs a (batch, max_len, num_items) logit tensor: fine for catalogues of thousands to tens of thousands of
-items on CPU, too big for millions (use sampled negatives there; not implemented). Adam, no weight decay.
-Optional early stopping on validation NDCG@10 through the shared harness; the best epoch's weights are kept.
+Training, early stopping and scoring: `baselines.sequential` (every transition a target each epoch, full
+softmax, until validation NDCG@10 stops improving). The original paper samples one negative per position
+with a binary loss; the full softmax is the stronger and now-standard variant and costs a
+(batch x positions, num_items) logit tensor: fine for catalogues of thousands to tens of thousands of items
+on CPU, too big for millions (use sampled negatives there; not implemented).
 
-Determinism: weights, shuffling and dropout all come from `seed` (the global torch RNG is forked and
-restored, so fitting does not disturb the caller's RNG); same seed and thread count -> same model.
-
-Scoring (`Scorer`): the final position's hidden state of the last max_len history items, dotted with every
-item embedding.
+Why it is stronger than a library default (RecBole 1.2.1 SASRec reaches ~0.056 NDCG@10 on ml-100k with
+history excluded, ours ~0.10): see docs/evaluation.md; in short, every position of every window is a
+target (RecBole's default trains on one target per augmented prefix), small batches give many more
+optimizer steps per epoch, and dropout 0.2 instead of 0.5 suits a 943-user dataset.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from jepa4rec_dist.baselines import check_histories, check_records
-from jepa4rec_dist.eval.harness import evaluate
-
-IGNORE = -100
+from jepa4rec_dist.baselines.sequential import IDSequenceScorer, check_common, history_ids, training_windows
 
 
 @dataclass
 class SASRecConfig:
-    epochs: int = 100
+    epochs: int = 300  # a cap: training stops when validation NDCG@10 stops improving (patience)
     batch_size: int = 32  # training windows per step (more, smaller steps converge in fewer epochs)
     lr: float = 1e-3
     hidden: int = 64
@@ -55,17 +45,14 @@ class SASRecConfig:
     eval_every: int = 1  # epochs between validations (when a validation is given)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "hidden", "layers", "heads", "max_len", "eval_every"):
+        check_common(self, "sasrec")
+        for name in ("hidden", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sasrec.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"sasrec.hidden ({self.hidden}) must be divisible by sasrec.heads ({self.heads})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0:
-            raise ValueError(f"sasrec.lr must be > 0, got {self.lr}")
-        if self.patience < 0:
-            raise ValueError(f"sasrec.patience must be >= 0, got {self.patience}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -122,122 +109,14 @@ class SASRec(nn.Module):
         return self.item_emb.weight[1:]  # (N, H)
 
 
-def training_windows(sequences: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, max_len) input ids (index + 1, left-padded with 0) and (W, max_len) target indices (-100 = pad).
-    Windows of max_len + 1 items cut from each sequence's end, overlapping by one item: every transition
-    is a target exactly once."""
-    inputs, targets = [], []
-    for seq in sequences:
-        end = len(seq)
-        while end >= 2:
-            window = seq[max(0, end - max_len - 1): end]
-            pad = max_len - (len(window) - 1)
-            inputs.append([0] * pad + [i + 1 for i in window[:-1]])
-            targets.append([IGNORE] * pad + window[1:])
-            end -= max_len
-    if not inputs:
-        raise ValueError("sasrec: no training sequence has >= 2 items (nothing to predict)")
-    return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
-
-
-def history_ids(histories: list[list[int]], max_len: int) -> torch.Tensor:
-    """The last max_len items of each history as left-padded ids (index + 1)."""
-    out = torch.zeros(len(histories), max_len, dtype=torch.long)
-    for b, hist in enumerate(histories):
-        last = hist[-max_len:]
-        out[b, max_len - len(last):] = torch.as_tensor(last, dtype=torch.long) + 1
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Scorer: fit + the harness protocol
-# --------------------------------------------------------------------------------------------------------
-
-Validation = Callable[["SASRecScorer"], float] | Iterable[dict]
-
-
-class SASRecScorer:
+class SASRecScorer(IDSequenceScorer):
     name = "sasrec"
 
     def __init__(self, num_items: int, cfg: SASRecConfig | None = None):
-        if num_items < 1:
-            raise ValueError(f"sasrec: num_items must be >= 1, got {num_items}")
-        self.num_items = num_items
-        self.cfg = cfg or SASRecConfig()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            self.model = SASRec(num_items, self.cfg)
-        self.history: list[dict] = []  # one entry per epoch: loss, and valid NDCG@10 where measured
-        self.best_epoch: int | None = None
+        super().__init__(num_items, cfg or SASRecConfig())
 
-    def _validator(self, valid: Validation | None) -> Callable[[], float] | None:
-        if valid is None:
-            return None
-        if callable(valid):
-            return lambda: float(valid(self))
-        if isinstance(valid, Iterator):  # single-use: keep the batches for every validation
-            valid = list(valid)
-        return lambda: evaluate(self, valid, ks=(10,), progress=False).metrics["ndcg@10"]
+    def build_model(self) -> nn.Module:
+        return SASRec(self.num_items, self.cfg)
 
-    def fit(self, train_records: Iterable[dict], valid: Validation | None = None,
-            progress: bool = True) -> SASRecScorer:
-        """Train on the records' `items` sequences. `valid`: batches for the harness (early stopping on
-        NDCG@10) or a callable scorer -> metric (higher is better); None trains for all epochs."""
-        cfg = self.cfg
-        inputs, targets = training_windows(check_records(train_records, self.num_items, "sasrec"), cfg.max_len)
-        validate = self._validator(valid)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self._train(inputs, targets, validate, progress)
-        return self
 
-    def _train(self, inputs, targets, validate, progress: bool) -> None:
-        cfg, model = self.cfg, self.model
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        order_rng = torch.Generator().manual_seed(cfg.seed)
-        best, best_state, stale = -math.inf, None, 0
-        bar = tqdm(range(1, cfg.epochs + 1), desc="sasrec", unit="epoch", disable=not progress, leave=False)
-        for epoch in bar:
-            model.train()
-            total, count = 0.0, 0
-            for rows in torch.randperm(len(inputs), generator=order_rng).split(cfg.batch_size):
-                hidden = model(inputs[rows])  # (B, L, H)
-                target = targets[rows]
-                real = target != IGNORE  # logits for real positions only: ~20% less work on ml-100k
-                logits = hidden[real] @ model.item_table().T  # (M, N): full softmax over the catalogue
-                loss = F.cross_entropy(logits, target[real])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, count = total + loss.item() * len(rows), count + len(rows)
-            record = {"epoch": epoch, "loss": total / count}
-            if validate is not None and epoch % cfg.eval_every == 0:
-                model.eval()
-                record["valid_ndcg@10"] = score = validate()
-                if score > best:
-                    best, best_state, stale, self.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
-                else:
-                    stale += 1
-            self.history.append(record)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
-            if validate is not None and cfg.patience and stale >= cfg.patience:
-                break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        model.eval()
-
-    # --- Scorer protocol -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def user_state(self, batch: dict) -> torch.Tensor:
-        histories = batch["history_items"]
-        check_histories(histories, self.num_items, "sasrec")
-        self.model.eval()
-        return self.model(history_ids(histories, self.cfg.max_len))[:, -1]  # (B, H): newest position
-
-    @torch.no_grad()
-    def item_scores(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return state @ self.model.item_table()[lo:hi].T  # (B, hi - lo)
-
-    @torch.no_grad()
-    def target_scores(self, state: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (state * self.model.item_table()[targets.long()]).sum(dim=1)  # (B,)
+__all__ = ["SASRecConfig", "SASRec", "SASRecScorer", "training_windows", "history_ids"]

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from jepa4rec_dist.config import Config, config_from_dict, config_to_dict
-from jepa4rec_dist.eval.harness import EvalResult, rank_batch
-from jepa4rec_dist.eval.metrics import metrics_from_ranks
+from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, EvalResult, protocol_name, rank_batch_both
 
 
 class EvalWorker:
@@ -60,20 +59,24 @@ class EvalWorker:
         out = {}
         for b, batch in enumerate(loader):
             if b % shares == share:
-                ranks = rank_batch(scorer, batch, self.cfg.eval.item_chunk, self.cfg.eval.exclude_history)
-                out[b] = (batch["keys"], ranks.numpy(), batch["next_item_index"].numpy())
+                r = rank_batch_both(scorer, batch, self.cfg.eval.item_chunk)
+                out[b] = (batch["keys"], r.excluded.numpy(), r.included.numpy(), r.ties.numpy(),
+                          batch["next_item_index"].numpy(), np.asarray([len(h) for h in batch["history_items"]]))
         return out
 
 
-def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "test", use_gpu: bool = False):
-    """(rows like `jepa4rec evaluate`, EvalResult) computed by `num_actors` Ray actors."""
+def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "test", use_gpu: bool = False,
+                 ctx=None):
+    """The export evaluated by `num_actors` Ray actors: an `Evaluated` like `eval.run.evaluate_method`'s."""
     import ray
 
     from jepa4rec_dist.cluster.jobs import absolute_paths
-    from jepa4rec_dist.eval.run import result_rows
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.run import Evaluated
 
     if num_actors < 1:
         raise ValueError(f"actors must be >= 1, got {num_actors}")
+    ctx = ctx or EvalContext.build(cfg)
     t0 = time.perf_counter()
     # the eval loader runs in the actor's own process: no DataLoader workers, the same batches everywhere
     cfg = absolute_paths(replace(cfg, loader=replace(cfg.loader, num_workers=0)))
@@ -93,12 +96,15 @@ def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "tes
     for done in ray.get([a.rank.remote(item_table, split, i, num_actors) for i, a in enumerate(actors)]):
         ranked.update(done)
     order = sorted(ranked)
-    keys = [k for b in order for k in ranked[b][0]]
-    ranks = np.concatenate([ranked[b][1] for b in order])
-    targets = np.concatenate([ranked[b][2] for b in order])
-    result = EvalResult(metrics_from_ranks(torch.from_numpy(ranks), tuple(cfg.eval.ks)), keys, ranks, targets)
+
+    def cat(field: int) -> np.ndarray:
+        return np.concatenate([ranked[b][field] for b in order])
+
+    result = EvalResult(ranks={EXCLUDED: cat(1), INCLUDED: cat(2)}, keys=[k for b in order for k in ranked[b][0]],
+                        targets=cat(4).astype(np.int64), ties=cat(3), history_lengths=cat(5),
+                        primary=protocol_name(ctx.exclude_history), ks=tuple(cfg.eval.ks))
     for a in actors:
         ray.kill(a)
     kind = "zero-shot" if item_table is not None else "finetuned"
     name = f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind}, {num_actors} ray actors)"
-    return result_rows(cfg, name, result, split, time.perf_counter() - t0), result
+    return Evaluated(name, split, result, time.perf_counter() - t0)

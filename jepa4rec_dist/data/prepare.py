@@ -9,6 +9,13 @@ Splits per user with n events: n >= 3: train = items[:-2], valid = items[:-1] (t
 test = items (target items[-1]); n == 2: train only; n == 1: no pair can be formed, counted skip.
 A train sequence shorter than 2 items (n == 3) cannot form a pretraining pair: it is not written to
 train (counted), the user is still in valid and test.
+
+New items (`data.new_items.fraction > 0`, a cold-item split): a seeded share of the catalogue is held out
+as items that appear after training. Their interactions are removed from every train sequence (a train
+sequence left with fewer than 2 items is dropped, counted); valid and test keep the full sequences, so a
+history or a target may be a new item, as it would be in production. The manifest lists them
+(`new_items`), with how many interactions left training and how many valid/test targets are new.
+Models must not train on them at all, not even as softmax negatives (see `training_items`).
 """
 
 from __future__ import annotations
@@ -92,6 +99,42 @@ def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[li
     return catalogue, seqs
 
 
+def choose_new_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of round(fraction x num_items) items drawn without replacement (seeded)."""
+    k = int(round(fraction * num_items))
+    if fraction > 0 and k == 0:
+        raise ValueError(f"data.new_items.fraction={fraction} selects no item of {num_items}")
+    if k >= num_items:
+        raise ValueError(f"data.new_items.fraction={fraction} holds out the whole catalogue ({num_items} items)")
+    return np.sort(np.random.default_rng(seed).choice(num_items, size=k, replace=False))
+
+
+def strip_new_items(train: list[dict], new_items: np.ndarray, num_items: int, skips: readers.SkipLog) -> int:
+    """Remove the new items from train samples in place (dropping those left with < 2 items); returns the
+    number of interactions removed."""
+    is_new = np.zeros(num_items, dtype=bool)
+    is_new[new_items] = True
+    removed, kept = 0, []
+    for sample in train:
+        keep = ~is_new[np.asarray(sample["items"], dtype=np.int64)]
+        removed += int((~keep).sum())
+        if keep.sum() < 2:
+            skips.skip("train_sequence_too_short_after_new_items", f"user {sample['user']!r}",
+                       "fewer than 2 train items once the held-out new items are removed (user kept in valid/test)")
+            continue
+        if not keep.all():
+            sample["items"] = np.asarray(sample["items"])[keep].tolist()
+            sample["timestamps"] = np.asarray(sample["timestamps"])[keep].tolist()
+        kept.append(sample)
+    train[:] = kept
+    return removed
+
+
+def repeat_interactions(seqs: Sequences) -> int:
+    """Interactions whose item the user had already interacted with (0 on MovieLens: one rating per movie)."""
+    return int(sum(len(items) - len(np.unique(items)) for items in seqs.items))
+
+
 def split_samples(seqs: Sequences, skips: readers.SkipLog) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for u, (user, domain, items, stamps) in enumerate(zip(seqs.users, seqs.domains, seqs.items, seqs.timestamps, strict=True)):
@@ -138,6 +181,17 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
     raw = read_raw(cfg, skips)
     catalogue, seqs = build_sequences(raw, skips)
     splits = split_samples(seqs, skips)
+    new_items = None
+    if cfg.data.new_items.fraction > 0:
+        held = choose_new_items(len(catalogue), cfg.data.new_items.fraction, cfg.data.new_items.seed)
+        removed = strip_new_items(splits["train"], held, len(catalogue), skips)
+        held_set = set(held.tolist())
+        new_items = {"fraction": cfg.data.new_items.fraction, "seed": cfg.data.new_items.seed, "count": len(held),
+                     "train_interactions_removed": removed,
+                     **{f"{s}_targets": sum(1 for x in splits[s] if x["items"][-1] in held_set) for s in ("valid", "test")},
+                     "items": held.tolist()}
+        log.info("new items: %d held out (%d train interactions removed; %d test targets are new)",
+                 len(held), removed, new_items["test_targets"])
 
     tok = load_tokenizer(cfg.tokenizer.name)
     info = TokenizerInfo.from_tokenizer(cfg.tokenizer.name, tok)
@@ -177,6 +231,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
             for split, samples in splits.items()
         },
         "item_tokens": {"mean": float(token_lengths.mean()), "max": int(token_lengths.max())},
+        "repeat_interactions": repeat_interactions(seqs),
     }
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -187,6 +242,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
         "counts": counts,
         "skipped": skips.to_dict(),
         "shards": shards,
+        "new_items": new_items,
         "config": config_to_dict(cfg),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -222,3 +278,13 @@ def low_resource_dataset(root: str | Path, fraction: float, seed: int) -> Path:
     sub["low_resource"] = {"fraction": fraction, "seed": seed, "source": str(root)}
     (out / MANIFEST).write_text(json.dumps(sub, indent=1))
     return out
+
+
+def training_items(manifest: dict, num_items: int) -> np.ndarray | None:
+    """(num_items,) bool: items a model may train on (False = held-out new items); None when all may."""
+    held = (manifest.get("new_items") or {}).get("items")
+    if not held:
+        return None
+    mask = np.ones(num_items, dtype=bool)
+    mask[np.asarray(held, dtype=np.int64)] = False
+    return mask

@@ -1,4 +1,4 @@
-"""One evaluation path for every model and baseline.
+"""One evaluation path for every model and baseline, under both ranking protocols at once.
 
 A method is a `Scorer`: from a batch (the `next`-mode collator's output, which carries both the token
 inputs and the raw `history_items`) it builds a per-user state, then scores any slice of the catalogue.
@@ -6,8 +6,14 @@ The harness walks the catalogue in chunks, so the (users x items) score matrix n
 catalogue; the rank of each target is the count of items scoring strictly higher (target column
 excluded, so a target never outranks itself through float noise between two code paths).
 
-Settings: full test, cold-start (targets seen fewer than k times in training), and the per-user ranks are
-kept so any subset can be re-scored without re-running the model.
+Protocols, both computed in the same pass (the history mask costs a fraction of the scoring):
+- `history-excluded`: the user's earlier items are taken out of the candidates before ranking (RecBole,
+  most published MovieLens tables). A target that is also a history item (repeat consumption) still
+  competes: only the other history items leave.
+- `history-included`: every item competes, history included (RecFormer's evaluation code).
+`eval.exclude_history` picks the *primary* protocol, the one used for model selection and early
+stopping; tables always report both. Ties (items scoring exactly the target's score) never hurt the
+target under either protocol; their count is kept per user so a tie-heavy method shows up.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from jepa4rec_dist.eval.metrics import metrics_from_ranks
+
+EXCLUDED, INCLUDED = "history-excluded", "history-included"
+PROTOCOLS = (EXCLUDED, INCLUDED)
+
+
+def protocol_name(exclude_history: bool) -> str:
+    return EXCLUDED if exclude_history else INCLUDED
 
 
 class Scorer(Protocol):
@@ -37,16 +50,51 @@ class Scorer(Protocol):
 
 
 @dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    keys: list[str] = field(default_factory=list)
-    ranks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+class BatchRanks:
+    """Per user of one batch: rank under each protocol, and the number of items tied with the target."""
 
-    def subset(self, mask: np.ndarray, ks=(10, 50)) -> dict[str, float]:
+    excluded: torch.Tensor
+    included: torch.Tensor
+    ties: torch.Tensor
+
+    def for_protocol(self, protocol: str) -> torch.Tensor:
+        return self.excluded if protocol == EXCLUDED else self.included
+
+
+@dataclass
+class EvalResult:
+    """Per-user ranks under both protocols; `metrics` are the primary protocol's (model selection)."""
+
+    ranks: dict[str, np.ndarray]  # protocol -> (U,) ranks
+    keys: list[str] = field(default_factory=list)
+    targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ties: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    history_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    primary: str = EXCLUDED
+    ks: tuple[int, ...] = (10, 50)
+    by_protocol: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.primary not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.primary!r} (known: {', '.join(PROTOCOLS)})")
+        if not self.by_protocol:
+            self.by_protocol = {p: metrics_from_ranks(torch.from_numpy(np.asarray(r)), self.ks)
+                                for p, r in self.ranks.items()}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.by_protocol[self.primary]
+
+    @property
+    def primary_ranks(self) -> np.ndarray:
+        return self.ranks[self.primary]
+
+    def subset(self, mask: np.ndarray, ks=None, protocol: str | None = None) -> dict[str, float]:
+        """Metrics of the users where `mask` is True (`{"users": 0}` when none)."""
         if not mask.any():
             return {"users": 0}
-        return metrics_from_ranks(torch.from_numpy(self.ranks[mask]), ks)
+        ranks = self.ranks[protocol or self.primary][mask]
+        return metrics_from_ranks(torch.from_numpy(ranks), tuple(ks or self.ks))
 
 
 def _history_mask(batch: dict, lo: int, hi: int) -> torch.Tensor:
@@ -60,32 +108,52 @@ def _history_mask(batch: dict, lo: int, hi: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rank_batch(scorer: Scorer, batch: dict, chunk: int = 65536, exclude_history: bool = False) -> torch.Tensor:
+def rank_batch_both(scorer: Scorer, batch: dict, chunk: int = 65536) -> BatchRanks:
+    """Ranks of a batch's targets under both protocols, one pass over the catalogue."""
     targets = batch["next_item_index"].long()
     state = scorer.user_state(batch)
     target = scorer.target_scores(state, targets).float()
-    ranks = torch.zeros(len(targets), dtype=torch.long)
-    rows = torch.arange(len(targets))
+    n = len(targets)
+    included, in_history, ties = (torch.zeros(n, dtype=torch.long) for _ in range(3))
+    rows = torch.arange(n)
     for lo in range(0, scorer.num_items, chunk):
         hi = min(lo + chunk, scorer.num_items)
-        higher = scorer.item_scores(state, lo, hi).float() > target[:, None]
+        scores = scorer.item_scores(state, lo, hi).float()
+        higher = scores > target[:, None]
+        equal = scores == target[:, None]
         inside = (targets >= lo) & (targets < hi)
-        higher[rows[inside], targets[inside] - lo] = False
-        if exclude_history:
-            higher &= ~_history_mask(batch, lo, hi)
-        ranks += higher.sum(dim=1)
-    return ranks
+        higher[rows[inside], targets[inside] - lo] = False  # the target's own column never counts
+        equal[rows[inside], targets[inside] - lo] = False
+        included += higher.sum(dim=1)
+        ties += equal.sum(dim=1)
+        in_history += (higher & _history_mask(batch, lo, hi)).sum(dim=1)
+    return BatchRanks(included - in_history, included, ties)
+
+
+def rank_batch(scorer: Scorer, batch: dict, chunk: int = 65536, exclude_history: bool = False) -> torch.Tensor:
+    """Ranks under one protocol (see `rank_batch_both`)."""
+    return rank_batch_both(scorer, batch, chunk).for_protocol(protocol_name(exclude_history))
 
 
 def evaluate(scorer: Scorer, batches: Iterable[dict], ks=(10, 50), chunk: int = 65536,
              exclude_history: bool = False, progress: bool = True, total: int | None = None) -> EvalResult:
-    keys, ranks, targets = [], [], []
-    for batch in tqdm(batches, desc=f"evaluate {scorer.name}", unit="batch", total=total, disable=not progress, leave=False):
-        ranks.append(rank_batch(scorer, batch, chunk, exclude_history))
+    """Ranks of every batch under both protocols; `exclude_history` picks the primary one."""
+    keys, targets, hist_len = [], [], []
+    parts: list[BatchRanks] = []
+    for batch in tqdm(batches, desc=f"evaluate {scorer.name}", unit="batch", total=total, disable=not progress,
+                      leave=False):
+        parts.append(rank_batch_both(scorer, batch, chunk))
         keys += batch["keys"]
         targets.append(batch["next_item_index"])
-    all_ranks = torch.cat(ranks)
-    return EvalResult(metrics_from_ranks(all_ranks, ks), keys, all_ranks.numpy(), torch.cat(targets).numpy())
+        hist_len += [len(h) for h in batch["history_items"]]
+    if not parts:
+        raise ValueError(f"evaluate {scorer.name}: no users to evaluate (empty split)")
+    return EvalResult(ranks={EXCLUDED: torch.cat([p.excluded for p in parts]).numpy(),
+                             INCLUDED: torch.cat([p.included for p in parts]).numpy()},
+                      keys=keys, targets=torch.cat(targets).long().numpy(),
+                      ties=torch.cat([p.ties for p in parts]).numpy(),
+                      history_lengths=np.asarray(hist_len, dtype=np.int64),
+                      primary=protocol_name(exclude_history), ks=tuple(ks))
 
 
 def item_counts(records: Iterable[dict], num_items: int) -> np.ndarray:
@@ -129,5 +197,5 @@ def top_k(scorer: Scorer, batch: dict, k: int, chunk: int = 65536, exclude_histo
     return best_s, best_i
 
 
-__all__ = ["Scorer", "EvalResult", "evaluate", "rank_batch", "item_counts", "cold_start_mask", "sample_users",
-           "top_k"]
+__all__ = ["EXCLUDED", "INCLUDED", "PROTOCOLS", "protocol_name", "Scorer", "BatchRanks", "EvalResult",
+           "evaluate", "rank_batch", "rank_batch_both", "item_counts", "cold_start_mask", "sample_users", "top_k"]

@@ -1,16 +1,18 @@
-"""Evaluation jobs: one table of methods x settings, from exports and baselines, through one harness.
+"""Evaluation jobs: one table of methods x settings x protocols, from exports and baselines, one harness.
 
-Settings: `full` (every test user), `cold-start` (test target seen fewer than `eval.cold_start_k` times in
-training). Zero-shot is simply an export without a finetuned item table: its own encoder encodes the
-catalogue. Low-resource is a finetuning option (`finetune.low_resource_fraction`), evaluated here like
-any other export. Every row records the seconds it took.
+Every method is ranked once under both protocols (`history-excluded`, `history-included`); its rows are
+cut by setting (all users, cold / tail / head targets, new items on a new-items dataset; see
+`eval.buckets`). `write_evaluation` writes the metrics JSON and, beside it, one Parquet file of per-user
+ranks per method (`<json stem>.ranks/<method>.parquet`), from which any row can be recomputed and any
+two methods compared (`jepa4rec compare`). Zero-shot is simply an export without a finetuned item table:
+its own encoder encodes the catalogue. Every row records the seconds it took (fitting included).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +21,20 @@ import pyarrow.parquet as pq
 from jepa4rec_dist.config import Config
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
 from jepa4rec_dist.data.items import ITEMS_FILE, ItemTable
-from jepa4rec_dist.data.shards import iter_records, load_manifest
+from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
-from jepa4rec_dist.eval.harness import EvalResult, cold_start_mask, item_counts, top_k
+from jepa4rec_dist.eval.buckets import setting_masks
+from jepa4rec_dist.eval.context import EvalContext, code_version
+from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult, protocol_name, top_k
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
+from jepa4rec_dist.eval.ranks import slug, write_ranks
 from jepa4rec_dist.model import build_encoder
 from jepa4rec_dist.model.checkpoint import load_export
 from jepa4rec_dist.train.engine import resolve_device
 from jepa4rec_dist.train.finetune import run_eval
+
+PROTOCOL_TITLES = {EXCLUDED: "history excluded (the user's earlier items are not candidates: RecBole, most MovieLens tables)",
+                   INCLUDED: "history included (every item is a candidate: RecFormer's evaluation code)"}
 
 
 def dataset(cfg: Config) -> tuple[Path, TokenizerInfo, ItemTable]:
@@ -54,37 +62,109 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
                          name=name or f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind})")
 
 
-def result_rows(cfg: Config, name: str, result: EvalResult, split: str, seconds: float,
-                train_counts: np.ndarray | None = None) -> list[dict]:
-    """The `full` and `cold-start` rows of one evaluated method."""
-    root, _, table = dataset(cfg)
-    rows = [{"method": name, "setting": "full", "split": split, **result.metrics, "seconds": round(seconds, 1)}]
-    if train_counts is None:
-        train_counts = item_counts(iter_records(root, "train"), table.num_items)
-    mask = cold_start_mask(result, train_counts, cfg.eval.cold_start_k)
-    rows.append({"method": name, "setting": f"cold-start(<{cfg.eval.cold_start_k})", "split": split,
-                 **result.subset(mask, tuple(cfg.eval.ks)), "seconds": round(seconds, 1)})
+@dataclass
+class Evaluated:
+    """One evaluated method: its per-user ranks, wall time (fit + ranking) and what fitting reported."""
+
+    name: str
+    split: str
+    result: EvalResult
+    seconds: float
+    fit: dict = field(default_factory=dict)
+
+
+def method_rows(ctx: EvalContext, ev: Evaluated) -> list[dict]:
+    """Rows of one method: every setting (all, cold, tail, head[, new-items]) under both protocols."""
+    masks = setting_masks(ev.result.targets, ctx.buckets, ctx.new_items)
+    rows = []
+    for protocol in PROTOCOLS:
+        for setting, mask in masks.items():
+            rows.append({"method": ev.name, "setting": setting, "protocol": protocol, "split": ev.split,
+                         **ev.result.subset(mask, protocol=protocol), "seconds": round(ev.seconds, 1)})
     return rows
 
 
-def evaluate_rows(cfg: Config, scorer, split: str = "test", progress: bool = True, seconds_fit: float = 0.0,
-                  train_counts: np.ndarray | None = None) -> tuple[list[dict], EvalResult]:
-    root, tok, table = dataset(cfg)
+def evaluate_method(cfg: Config, scorer, split: str = "test", progress: bool = True, seconds_fit: float = 0.0,
+                    ctx: EvalContext | None = None, fit: dict | None = None, name: str | None = None) -> Evaluated:
+    ctx = ctx or EvalContext.build(cfg)
     t0 = time.perf_counter()
-    result = run_eval(cfg, scorer, root, tok, table, split, progress)
-    seconds = seconds_fit + time.perf_counter() - t0
-    return result_rows(cfg, scorer.name, result, split, seconds, train_counts), result
+    result = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, split, progress, exclude_history=ctx.exclude_history)
+    return Evaluated(name or scorer.name, split, result, seconds_fit + time.perf_counter() - t0, fit or {})
 
 
-def format_table(rows: list[dict], ks=(10, 50)) -> str:
+def evaluate_rows(cfg: Config, scorer, split: str = "test", progress: bool = True, seconds_fit: float = 0.0,
+                  ctx: EvalContext | None = None) -> tuple[list[dict], EvalResult]:
+    """Rows (every setting, both protocols) and the per-user result of one scorer."""
+    ctx = ctx or EvalContext.build(cfg)
+    ev = evaluate_method(cfg, scorer, split, progress, seconds_fit, ctx)
+    return method_rows(ctx, ev), ev.result
+
+
+def format_table(rows: list[dict], ks=(10, 50), protocol: str | None = None) -> str:
+    """Plain-text table of rows (of one protocol when given)."""
+    if protocol is not None:
+        rows = [r for r in rows if r.get("protocol", protocol) == protocol]
     cols = [f"ndcg@{k}" for k in ks] + [f"recall@{k}" for k in ks] + ["mrr", "users", "seconds"]
-    width = max(len(r["method"]) for r in rows) + 2
-    lines = [f"{'method':<{width}}{'setting':<16}" + "".join(f"{c:>11}" for c in cols)]
+    width = max([len(r["method"]) for r in rows] + [6]) + 2
+    lines = [f"{'method':<{width}}{'setting':<11}" + "".join(f"{c:>11}" for c in cols)]
     for r in rows:
         cells = "".join(f"{r.get(c, float('nan')):>11.4f}" if c not in ("users", "seconds") else f"{r.get(c, 0):>11}"
                         for c in cols)
-        lines.append(f"{r['method']:<{width}}{r['setting']:<16}" + cells)
+        lines.append(f"{r['method']:<{width}}{r['setting']:<11}" + cells)
     return "\n".join(lines)
+
+
+def format_tables(rows: list[dict], ks=(10, 50), primary: str = EXCLUDED, buckets: str | None = None) -> str:
+    """One table per protocol, the primary first, each titled; then the bucket edges."""
+    parts = []
+    for protocol in sorted(PROTOCOLS, key=lambda p: p != primary):
+        title = PROTOCOL_TITLES[protocol] + ("  [primary: model selection]" if protocol == primary else "")
+        parts.append(f"== {title}\n{format_table(rows, ks, protocol)}")
+    if buckets:
+        parts.append(buckets)
+    return "\n\n".join(parts)
+
+
+def ranks_dir(out_json: str | Path) -> Path:
+    out_json = Path(out_json)
+    return out_json.with_name(out_json.stem + ".ranks")
+
+
+def write_evaluation(out_json: str | Path, cfg: Config, ctx: EvalContext, evaluated: list[Evaluated],
+                     split: str) -> dict:
+    """The metrics JSON at `out_json` and one rank Parquet per method beside it; returns the JSON document."""
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    version = code_version()
+    common = {"split": split, **ctx.dataset_info(), "primary_protocol": protocol_name(ctx.exclude_history),
+              "ks": list(cfg.eval.ks), "buckets": ctx.buckets.edges(), **version}
+    methods, rows, used = [], [], set()
+    for ev in evaluated:
+        entry = {"method": ev.name, "seconds": round(ev.seconds, 1), "fit": ev.fit}
+        if cfg.eval.write_ranks:
+            name = slug(ev.name)
+            while name in used:  # two methods with the same slug keep both files
+                name += "_"
+            used.add(name)
+            path = ranks_dir(out_json) / f"{name}.parquet"
+            users = ctx.users[split] if split in ctx.users else {}
+            write_ranks(path, ev.result, [users.get(k, "") for k in ev.result.keys], ctx.table.item_ids,
+                        ctx.train_counts, ctx.buckets.labels, ctx.new_items,
+                        {**common, "method": ev.name, "seconds": round(ev.seconds, 1), "fit": ev.fit})
+            entry["ranks_file"] = str(path.relative_to(out_json.parent))
+        methods.append(entry)
+        rows += method_rows(ctx, ev)
+    doc = {**common, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": methods, "rows": rows}
+    tmp = out_json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
+    tmp.replace(out_json)
+    return doc
+
+
+def _json_default(value):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def write_rows(rows: list[dict], path: str | Path) -> None:
@@ -127,4 +207,5 @@ def recommend(scorer: EncoderScorer, cfg: Config, tok: TokenizerInfo, table: Ite
     return list(zip(items[0].tolist(), scores[0].tolist(), strict=True))
 
 
-__all__ = ["dataset", "model_scorer", "evaluate_rows", "format_table", "write_rows", "resolve_items", "recommend"]
+__all__ = ["dataset", "model_scorer", "Evaluated", "method_rows", "evaluate_method", "evaluate_rows", "format_table",
+           "format_tables", "ranks_dir", "write_evaluation", "write_rows", "resolve_items", "recommend"]

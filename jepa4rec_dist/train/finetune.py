@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +30,7 @@ from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.collate import Collator
 from jepa4rec_dist.data.items import ItemTable
 from jepa4rec_dist.data.loader import ShardLoader
-from jepa4rec_dist.data.prepare import low_resource_dataset
+from jepa4rec_dist.data.prepare import low_resource_dataset, training_items
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.harness import EvalResult, evaluate
@@ -53,15 +54,20 @@ def eval_loader(cfg: Config, root: Path, tok: TokenizerInfo, table: ItemTable, s
 
 
 def run_eval(cfg: Config, scorer, root: Path, tok, table, split: str, progress: bool = True,
-             max_users: int | None = None) -> EvalResult:
-    """Evaluate `scorer` on a split; `max_users` keeps the first users (in shard order) only."""
+             max_users: int | None = None, exclude_history: bool | None = None) -> EvalResult:
+    """Evaluate `scorer` on a split under both protocols; the primary one (`exclude_history`, default: the
+    config's, resolved for the dataset) gives `.metrics`. `max_users` keeps the first users only."""
+    from jepa4rec_dist.eval.context import resolve_exclude_history
+
+    if exclude_history is None:
+        exclude_history = resolve_exclude_history(cfg.eval.exclude_history, root)
     loader = eval_loader(cfg, root, tok, table, split)
     batches, total = loader, len(loader)
     if max_users is not None:
         total = min(total, -(-max_users // cfg.eval.batch_size))
         batches = itertools.islice(loader, total)
     return evaluate(scorer, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
-                    exclude_history=cfg.eval.exclude_history, progress=progress, total=total)
+                    exclude_history=exclude_history, progress=progress, total=total)
 
 
 def load_model_source(cfg: Config) -> Config:
@@ -72,15 +78,19 @@ def load_model_source(cfg: Config) -> Config:
 
 
 class FinetuneModel(nn.Module):
-    """The trained part: the sequence encoder; the loss is softmax over the given (constant) item table."""
+    """The trained part: the sequence encoder; the loss is softmax over the given (constant) item table.
+    `remap` (new-items datasets): catalogue index -> row of the training table, which leaves the held-out
+    items out (they are not even negatives: in production they did not exist at training time)."""
 
-    def __init__(self, encoder, temperature: float, loss_backend: str):
+    def __init__(self, encoder, temperature: float, loss_backend: str, remap: torch.Tensor | None = None):
         super().__init__()
         self.encoder, self.temperature, self.loss_backend = encoder, temperature, loss_backend
+        self.remap = remap
 
     def forward(self, batch: dict, item_table: torch.Tensor) -> torch.Tensor:
         hist = F.normalize(self.encoder.represent(batch, "history_").float(), dim=-1)
-        return infonce_loss(hist, item_table, batch["next_item_index"], temperature=self.temperature,
+        targets = batch["next_item_index"] if self.remap is None else self.remap[batch["next_item_index"]]
+        return infonce_loss(hist, item_table, targets, temperature=self.temperature,
                             normalize=False, backend=self.loss_backend)
 
 
@@ -100,6 +110,18 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     device = runtime.device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.precision, device)
     encoder, _, _ = build_encoder(load_model_source(cfg).model, tok, with_head=False)
+    keep = training_items(load_manifest(root), table.num_items)  # None, or False for held-out new items
+    remap = train_rows = None
+    if keep is not None:
+        train_rows = torch.from_numpy(np.flatnonzero(keep)).to(device)
+        remap = torch.full((table.num_items,), -1, dtype=torch.long)
+        remap[train_rows.cpu()] = torch.arange(len(train_rows))
+        remap = remap.to(device)
+        log.info("new items: %d held-out items are left out of the training softmax", int((~keep).sum()))
+
+    def train_view(item_table):
+        return item_table if train_rows is None else item_table[train_rows]
+
     collator = Collator(table, tok, cfg.sequence, None, "pretrain", seed=ft.seed)
     fixed = runtime.distributed or ft.max_steps_per_epoch is not None  # ranks must agree on the step count
     lcfg = replace(cfg.loader, batch_size=ft.batch_size, mode="fixed" if fixed else "exact",
@@ -118,7 +140,7 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     history: list[dict] = []
 
     def make_engine(enc, epochs, lr):
-        model = FinetuneModel(enc, ft.temperature, ft.loss_backend).to(device)
+        model = FinetuneModel(enc, ft.temperature, ft.loss_backend, remap).to(device)
         total = max(steps_per_epoch * epochs, 1)
         if runtime.distributed:
             from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
@@ -167,7 +189,7 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"finetune s{stage} e{epoch}", unit="batch",
                    disable=not (progress and main), leave=False)
         for batch in bar:
-            loss = engine(to_device(batch, device), item_table)
+            loss = engine(to_device(batch, device), train_view(item_table))
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
@@ -200,9 +222,16 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False)
     result = None
     if main:
+        from jepa4rec_dist.eval.context import EvalContext
+        from jepa4rec_dist.eval.run import Evaluated, write_evaluation
+
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
+        t0 = time.perf_counter()
         test = run_eval(cfg, EncoderScorer(encoder, item_table, ft.temperature, device), root, tok, table, "test", progress)
-        result = {"best": best, "test": test.metrics, "history": history}
+        write_evaluation(out / "test.json", cfg, EvalContext.build(cfg),
+                         [Evaluated("finetuned (best)", "test", test, time.perf_counter() - t0, {"best": best})], "test")
+        result = {"best": best, "test": test.metrics, "test_by_protocol": test.by_protocol,
+                  "primary_protocol": test.primary, "history": history}
         (out / "result.json").write_text(json.dumps(result, indent=1))
         metrics.write({"test": test.metrics, "best": best})
     runtime.barrier()

@@ -1,0 +1,72 @@
+"""`jepa4rec compare A B`: is A's difference from B real? Paired over the users both rank.
+
+A and B are rank files (`<eval json stem>.ranks/<method>.parquet`) or, with `--run EVAL_JSON`, method
+names of one evaluation. For each protocol and setting: the mean of NDCG@10, Recall@10 and MRR for A and
+B, the difference A - B with its 95% paired bootstrap interval and the paired randomization p-value
+(`eval.stats`). The users are matched by sample key; different users or targets are an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jepa4rec_dist.eval.harness import PROTOCOLS
+from jepa4rec_dist.eval.ranks import RankFile, align, read_ranks, slug
+from jepa4rec_dist.eval.stats import METRICS, paired_difference
+
+
+def resolve(spec: str, run: str | Path | None = None) -> RankFile:
+    """A rank file path, or a method of the evaluation JSON `run` (its name or its file slug)."""
+    if run is None:
+        return read_ranks(spec)
+    run = Path(run)
+    if not run.is_file():
+        raise ValueError(f"{run}: no such evaluation JSON")
+    doc = json.loads(run.read_text())
+    if not isinstance(doc, dict) or "methods" not in doc:
+        raise ValueError(f"{run}: not a `jepa4rec evaluate` JSON with per-method rank files (written before ranks existed?)")
+    for entry in doc["methods"]:
+        if spec in (entry["method"], slug(entry["method"])) or spec == Path(entry.get("ranks_file", "")).stem:
+            if "ranks_file" not in entry:
+                raise ValueError(f"{run}: method {spec!r} has no rank file (evaluated with eval.write_ranks=false)")
+            return read_ranks(run.parent / entry["ranks_file"])
+    known = ", ".join(repr(e["method"]) for e in doc["methods"])
+    raise ValueError(f"{run}: no method {spec!r} (known: {known})")
+
+
+def compare(a: RankFile, b: RankFile, settings=("all",), protocols=PROTOCOLS, metrics=METRICS,
+            samples: int = 10_000, seed: int = 0) -> list[dict]:
+    """One dict per (protocol, setting, metric): A, B, A - B, 95% interval, p-value, users."""
+    ia, ib = align(a, b)
+    out = []
+    for protocol in protocols:
+        ra, rb = a.ranks(protocol)[ia], b.ranks(protocol)[ib]
+        for setting in settings:
+            mask = a.mask(setting)[ia]
+            if not mask.any():
+                out.append({"protocol": protocol, "setting": setting, "users": 0})
+                continue
+            for metric in metrics:
+                d = paired_difference(ra[mask], rb[mask], metric, samples, seed)
+                out.append({"protocol": protocol, "setting": setting, **d.to_dict()})
+    return out
+
+
+def format_comparison(a: RankFile, b: RankFile, rows: list[dict]) -> str:
+    lines = [f"A: {a.method}  ({a.path})", f"B: {b.method}  ({b.path})",
+             "A - B with a 95% paired bootstrap interval; p: paired randomization test (two-sided); "
+             "* = the interval excludes 0", "",
+             f"{'protocol':<18}{'setting':<11}{'metric':<11}{'A':>9}{'B':>9}{'A - B':>10}   {'95% interval':<21}"
+             f"{'p':>8}{'users':>8}"]
+    for r in rows:
+        if not r.get("users"):
+            lines.append(f"{r['protocol']:<18}{r['setting']:<11}(no users)")
+            continue
+        star = " *" if r["significant"] else ""
+        lines.append(f"{r['protocol']:<18}{r['setting']:<11}{r['metric']:<11}{r['a']:>9.4f}{r['b']:>9.4f}"
+                     f"{r['diff']:>+10.4f}   [{r['low']:+.4f}, {r['high']:+.4f}]  {r['p_value']:>8.4f}{r['users']:>8}{star}")
+    return "\n".join(lines)
+
+
+__all__ = ["resolve", "compare", "format_comparison"]
