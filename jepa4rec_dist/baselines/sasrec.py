@@ -41,7 +41,7 @@ class SASRecConfig:
     dropout: float = 0.2
     max_len: int = 50
     seed: int = 0
-    patience: int = 5  # validations without a better NDCG@10 before stopping; 0 = never stop early
+    patience: int = 10  # validations without a better NDCG@10 before stopping; 0 = never stop early
     eval_every: int = 1  # epochs between validations (when a validation is given)
 
     def __post_init__(self):

@@ -1,0 +1,244 @@
+"""The quality report: every method x setting x protocol, with 95% intervals, from the runs' rank files.
+
+    python benchmarks/quality/report.py [--runs runs/quality] [--out benchmarks/quality]
+
+Reads runs/quality/<dataset>/{standard,new-items}/eval/<method>.json and the per-user rank Parquet beside
+each (written by benchmarks/quality/run.py), and writes:
+- REPORT.md: per dataset and protocol, NDCG@10 with its 95% bootstrap interval for all test users, the
+  cold / tail / head buckets (standard split) and the new items (new-items split), Recall@10 and MRR,
+  what training took (epochs, seconds); then the paired differences between methods (NDCG@10, 95% paired
+  bootstrap interval, randomization p-value).
+- quality-<dataset>.png: the same NDCG@10 numbers as bars with their intervals.
+- results.json: every number above for both protocols, plus the git SHA of each run and the sha256 of
+  each rank file (rank files stay in runs/: they are derived from MovieLens, whose terms forbid
+  redistribution).
+No number is typed by hand: rerun this after any run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jepa4rec_dist.eval.context import code_version
+from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS
+from jepa4rec_dist.eval.ranks import read_ranks
+from jepa4rec_dist.eval.stats import bootstrap_interval, paired_difference, per_user
+
+ORDER = ("jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
+LABELS = {"jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
+          "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
+          "graph": "graph heuristic", "popularity": "popularity"}
+CELLS = (("standard", "all"), ("standard", "cold"), ("standard", "tail"), ("standard", "head"),
+         ("new-items", "new-items"))
+TITLES = {EXCLUDED: "history excluded (RecBole / most MovieLens tables)",
+          INCLUDED: "history included (RecFormer's protocol)"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_runs(root: Path) -> dict:
+    """{dataset: {variant: {method: (eval json doc, RankFile)}}}"""
+    out: dict = {}
+    for path in sorted(root.glob("*/*/eval/*.json")):
+        dataset, variant = path.parts[-4], path.parts[-3]
+        doc = json.loads(path.read_text())
+        entry = doc["methods"][0]
+        ranks = read_ranks(path.parent / entry["ranks_file"])
+        out.setdefault(dataset, {}).setdefault(variant, {})[path.stem] = (doc, ranks)
+    return out
+
+
+def cell(ranks, protocol: str, setting: str, samples: int) -> dict:
+    mask = ranks.mask(setting)
+    if not mask.any():
+        return {"users": 0}
+    r = ranks.ranks(protocol)[mask]
+    values = {m: per_user(r, m) for m in ("ndcg@10", "recall@10", "mrr")}
+    low, high = bootstrap_interval(values["ndcg@10"], samples)
+    return {"users": int(mask.sum()), **{m: float(v.mean()) for m, v in values.items()}, "ndcg@10_low": low,
+            "ndcg@10_high": high}
+
+
+def summarise(runs: dict, samples: int) -> dict:
+    results = {}
+    for dataset, variants in runs.items():
+        methods = [m for m in ORDER if any(m in v for v in variants.values())]
+        data = {"methods": {}, "pairs": [], "runs": {}}
+        for method in methods:
+            row = {"cells": {p: {} for p in PROTOCOLS}, "fit": {}, "seconds": {}}
+            for variant, by_method in variants.items():
+                if method not in by_method:
+                    continue
+                doc, ranks = by_method[method]
+                row["fit"][variant] = doc["methods"][0]["fit"]
+                row["seconds"][variant] = doc["methods"][0]["seconds"]
+                data["runs"][f"{variant}/{method}"] = {"git_sha": doc.get("git_sha"), "git_dirty": doc.get("git_dirty"),
+                                                       "time": doc.get("time"), "rank_file_sha256": sha256(ranks.path),
+                                                       "primary_protocol": doc["primary_protocol"]}
+                data.setdefault("datasets", {})[variant] = {k: doc.get(k) for k in ("users", "items", "interactions",
+                                                                                      "new_items", "buckets")}
+            for protocol in PROTOCOLS:
+                for variant, setting in CELLS:
+                    if method in variants.get(variant, {}):
+                        row["cells"][protocol][f"{variant}/{setting}"] = cell(variants[variant][method][1], protocol,
+                                                                              setting, samples)
+            data["methods"][method] = row
+        for variant, setting in (("standard", "all"), ("new-items", "new-items")):
+            present = [m for m in methods if m in variants.get(variant, {})]
+            for a, b in itertools.combinations(present, 2):
+                ra, rb = variants[variant][a][1], variants[variant][b][1]
+                mask = ra.mask(setting)
+                for protocol in PROTOCOLS:
+                    d = paired_difference(ra.ranks(protocol)[mask], rb.ranks(protocol)[mask], "ndcg@10", samples)
+                    data["pairs"].append({"variant": variant, "setting": setting, "protocol": protocol, "a": a, "b": b,
+                                          **d.to_dict()})
+        results[dataset] = data
+    return results
+
+
+def fmt_cell(c: dict | None) -> str:
+    if not c or not c.get("users"):
+        return "-"
+    return f"{c['ndcg@10']:.4f} [{c['ndcg@10_low']:.4f}, {c['ndcg@10_high']:.4f}]"
+
+
+def fit_text(row: dict) -> str:
+    fit = row["fit"].get("standard", {})
+    if "epochs" in fit:
+        return f"{fit['epochs']} epochs (best {fit['best_epoch']}, stopped by {fit['stopped']})"
+    if "beta" in fit:
+        return f"beta {fit['beta']}, last {fit['last_items']} items (valid)"
+    if "finetune_seconds" in fit:
+        return f"pretrain {fit['pretrain_seconds']:.0f} s + finetune {fit['finetune_seconds']:.0f} s"
+    if "pretrain_seconds" in fit:
+        return f"pretrain {fit['pretrain_seconds']:.0f} s"
+    return "no training"
+
+
+def markdown(results: dict, samples: int, version: dict) -> str:
+    lines = ["# Quality report", "",
+             f"Generated by `python benchmarks/quality/report.py` (git {version['git_sha']}"
+             f"{', uncommitted changes' if version['git_dirty'] else ''}, {time.strftime('%Y-%m-%d')}) from the runs of "
+             "`benchmarks/quality/run.py` with the recipes `configs/experiments/quality-*.yaml`. Do not edit by hand.",
+             "",
+             "Protocol: leave-one-out by time (last item = test, second to last = validation), full ranking over the "
+             "whole catalogue, rank = items scoring strictly higher, metrics averaged over users "
+             "(docs/evaluation.md). Every model and setting was chosen on the validation split only. Cells: NDCG@10 "
+             f"[95% bootstrap interval over users, {samples:,} draws]. Buckets by the target's training count "
+             "(cold / tail / head) come from the standard split; `new items` from a second split of the same data "
+             "where 20% of the catalogue (seeded) was held out of training. Wall time: fitting (pretraining and "
+             "finetuning for the text model) plus ranking the test users, on this 2-core CPU.", ""]
+    for dataset, data in results.items():
+        ds = data.get("datasets", {})
+        std, new = ds.get("standard", {}), ds.get("new-items", {})
+        lines += [f"## {dataset}", ""]
+        if std:
+            b = std["buckets"]
+            lines.append(f"{std['users']:,} users, {std['items']:,} items, {std['interactions']:,} interactions. "
+                         f"Buckets: cold = {b['cold']}, tail = {b['tail']}, head = {b['head']}.")
+        if new and new.get("new_items"):
+            n = new["new_items"]
+            lines.append(f"New-items split: {n['count']:,} items held out (seed {n['seed']}), "
+                         f"{n['train_interactions_removed']:,} training interactions removed, {n['test_targets']:,} "
+                         "test users whose target is a new item.")
+        lines.append("")
+        for protocol in PROTOCOLS:
+            first = next(iter(data["methods"].values()))["cells"][protocol]
+            users = {k: v.get("users", 0) for k, v in first.items()}
+            head = ["method", f"all ({users.get('standard/all', 0)})", "R@10", "MRR",
+                    f"cold ({users.get('standard/cold', 0)})", f"tail ({users.get('standard/tail', 0)})",
+                    f"head ({users.get('standard/head', 0)})", f"new items ({users.get('new-items/new-items', 0)})",
+                    "training", "wall s"]
+            lines += [f"### {dataset}: {TITLES[protocol]}", "", "| " + " | ".join(head) + " |",
+                      "|" + "---|" * len(head)]
+            for method, row in data["methods"].items():
+                c = row["cells"][protocol]
+                allc = c.get("standard/all", {})
+                lines.append("| " + " | ".join([
+                    LABELS.get(method, method), fmt_cell(allc),
+                    f"{allc['recall@10']:.4f}" if allc.get("users") else "-",
+                    f"{allc['mrr']:.4f}" if allc.get("users") else "-",
+                    *(fmt_cell(c.get(k)) for k in ("standard/cold", "standard/tail", "standard/head",
+                                                    "new-items/new-items")),
+                    fit_text(row), f"{row['seconds'].get('standard', float('nan')):.0f}"]) + " |")
+            lines.append("")
+        primary = next(iter(data["runs"].values()))["primary_protocol"]
+        lines += [f"### {dataset}: paired differences (NDCG@10, {TITLES[primary]})", "",
+                  "A - B over the same users, 95% paired bootstrap interval, two-sided paired randomization p-value. "
+                  "**A beats B** only where the interval excludes zero.", "",
+                  "| users | A | B | A - B | 95% interval | p | verdict |", "|---|---|---|---|---|---|---|"]
+        for p in data["pairs"]:
+            if p["protocol"] != primary:
+                continue
+            verdict = ("**A beats B**" if p["low"] > 0 else "**B beats A**" if p["high"] < 0 else "no significant difference")
+            where = "all" if p["variant"] == "standard" else "new items"
+            lines.append(f"| {where} ({p['users']}) | {LABELS.get(p['a'], p['a'])} | {LABELS.get(p['b'], p['b'])} | "
+                         f"{p['diff']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_value']:.4f} | {verdict} |")
+        lines += ["", f"![{dataset}](quality-{dataset}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(dataset: str, data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(data["methods"])
+    cells = [k for k in (f"{v}/{s}" for v, s in CELLS)
+             if any(data["methods"][m]["cells"][EXCLUDED].get(k, {}).get("users") for m in methods)]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    width = 0.8 / max(len(methods), 1)
+    for ax, protocol in zip(axes, PROTOCOLS, strict=True):
+        for i, method in enumerate(methods):
+            c = data["methods"][method]["cells"][protocol]
+            ys = [c.get(k, {}).get("ndcg@10", np.nan) for k in cells]
+            lo = [y - c.get(k, {}).get("ndcg@10_low", y) for y, k in zip(ys, cells, strict=True)]
+            hi = [c.get(k, {}).get("ndcg@10_high", y) - y for y, k in zip(ys, cells, strict=True)]
+            ax.bar(np.arange(len(cells)) + (i - (len(methods) - 1) / 2) * width, ys, width, yerr=[lo, hi], capsize=2,
+                   label=LABELS.get(method, method))
+        ax.set_title(f"{dataset}: {TITLES[protocol]}", fontsize=10)
+        ax.set_ylabel("test NDCG@10 (95% CI)")
+        ax.grid(axis="y", alpha=0.3)
+    users = {k: data["methods"][methods[0]]["cells"][EXCLUDED].get(k, {}).get("users", 0) for k in cells}
+    axes[-1].set_xticks(np.arange(len(cells)), [f"{k.split('/')[1]}\n({users[k]} users)" for k in cells])
+    axes[0].legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/quality")
+    parser.add_argument("--out", default="benchmarks/quality")
+    parser.add_argument("--samples", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    runs = load_runs(Path(args.runs))
+    if not runs:
+        raise SystemExit(f"no runs under {args.runs} (run benchmarks/quality/run.py first)")
+    results = summarise(runs, args.samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    version = code_version()
+    (out / "results.json").write_text(json.dumps({"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), **version,
+                                                  "bootstrap_samples": args.samples, "datasets": results}, indent=1))
+    for dataset, data in results.items():
+        plot(dataset, data, out / f"quality-{dataset}.png")
+    (out / "REPORT.md").write_text(markdown(results, args.samples, version))
+    print(f"wrote {out / 'REPORT.md'}, {out / 'results.json'} and {len(results)} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Run a quality recipe end to end: every method, both protocols, the standard split and the new-items split.
+
+    python benchmarks/quality/run.py --recipe configs/experiments/quality-ml100k.yaml
+    python benchmarks/quality/run.py --recipe configs/experiments/quality-ml1m.yaml --threads 2
+    python benchmarks/quality/report.py          # then: the report from every run under runs/quality/
+
+For each variant (`standard`; `new-items`: the same data with `--new-items-fraction` of the catalogue
+held out of training) it runs, each step skipped when its output exists (so a stopped run resumes):
+  prepare -> JEPA4Rec pretraining (train split only) -> two-stage finetuning -> evaluation of every
+  method on the test split (`eval/<method>.json` + per-user ranks beside it).
+Methods: the pretrained export (zero-shot), the finetuned model, and the baselines of `--baselines`
+(popularity, sasrec, gru4rec, graph, text-pop), each fitted on the train split, tuned/stopped on the
+validation split only. Wall times (pretraining and finetuning included for the text model) go into each
+method's JSON. Folder: runs/quality/<dataset>/<variant>/ (`--out` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("jepa4rec-zero-shot", "jepa4rec-finetuned", "popularity", "sasrec", "gru4rec", "graph", "text-pop")
+log = logging.getLogger("quality")
+
+
+def variant_config(recipe: str, folder: Path, new_items: float, extra: list[str]):
+    from jepa4rec_dist.config import load_config
+
+    overrides = [f"--data.out_dir={folder / 'data'}", f"--train.output_dir={folder / 'pretrain'}",
+                 f"--finetune.output_dir={folder / 'finetune'}", f"--data.new_items.fraction={new_items}", *extra]
+    return load_config([recipe], overrides)
+
+
+def timed(timing_path: Path, key: str, fn):
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    t0 = time.perf_counter()
+    out = fn()
+    timing[key] = round(time.perf_counter() - t0, 1)
+    timing_path.write_text(json.dumps(timing, indent=1))
+    return out
+
+
+def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str], extra: list[str]) -> None:
+    from dataclasses import replace
+
+    from jepa4rec_dist.baselines import build_baseline
+    from jepa4rec_dist.data.prepare import prepare
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.run import evaluate_method, format_tables, model_scorer, write_evaluation
+    from jepa4rec_dist.train.finetune import finetune
+    from jepa4rec_dist.train.pretrain import pretrain
+
+    cfg = variant_config(recipe, folder, new_items, extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    timing_path = folder / "timing.json"
+    if not (folder / "data" / "manifest.json").is_file():
+        log.info("prepare %s", folder / "data")
+        timed(timing_path, "prepare_seconds", lambda: prepare(cfg, progress=False))
+    export = folder / "pretrain" / "export"
+    wants_text = any(m.startswith("jepa4rec") for m in methods)
+    if wants_text and not (export / "config.json").is_file():
+        log.info("pretrain -> %s", export)
+        timed(timing_path, "pretrain_seconds", lambda: pretrain(cfg, progress=False))
+    best = folder / "finetune" / "best"
+    if "jepa4rec-finetuned" in methods and not (folder / "finetune" / "result.json").is_file():
+        log.info("finetune -> %s", best)
+        ft_cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(export)))
+        timed(timing_path, "finetune_seconds", lambda: finetune(ft_cfg, progress=False))
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    ctx = EvalContext.build(cfg)
+    for method in methods:
+        out = folder / "eval" / f"{method}.json"
+        if out.is_file():
+            log.info("%s: done (%s)", method, out)
+            continue
+        log.info("evaluate %s", method)
+        t0 = time.perf_counter()
+        if method.startswith("jepa4rec"):
+            tuned = method == "jepa4rec-finetuned"
+            scorer = model_scorer(cfg, str(best if tuned else export), ctx.tok, ctx.table, progress=False, name=method)
+            fit = {"pretrain_seconds": timing.get("pretrain_seconds")}
+            if tuned:
+                result = json.loads((folder / "finetune" / "result.json").read_text())
+                fit.update({"finetune_seconds": timing.get("finetune_seconds"), "best": result["best"]})
+            prior = sum(v for k, v in fit.items() if k.endswith("_seconds") and v)
+        else:
+            scorer = build_baseline(method, cfg, progress=False, ctx=ctx)
+            fit, prior = getattr(scorer, "fit_report", {}), 0.0
+        ev = evaluate_method(cfg, scorer, "test", progress=False, ctx=ctx, fit=fit,
+                             seconds_fit=prior + time.perf_counter() - t0, name=method)
+        doc = write_evaluation(out, cfg, ctx, [ev], "test")
+        log.info("%s\n%s", method, format_tables([r for r in doc["rows"] if r["setting"] in ("all", "new-items")],
+                                                tuple(cfg.eval.ks), doc["primary_protocol"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="a configs/experiments/quality-*.yaml")
+    parser.add_argument("--variants", default="standard,new-items")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--new-items-fraction", type=float, default=0.2)
+    parser.add_argument("--out", default="runs/quality", help="root of the run folders")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # logs, not bars: these runs go to files
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from jepa4rec_dist.config import load_config
+
+    dataset = load_config([args.recipe], extra).data.dataset
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
+    for variant in args.variants.split(","):
+        if variant not in ("standard", "new-items"):
+            raise SystemExit(f"unknown variant {variant!r} (standard, new-items)")
+        folder = Path(args.out) / dataset / variant
+        t0 = time.perf_counter()
+        run_variant(args.recipe, folder, args.new_items_fraction if variant == "new-items" else 0.0, methods, extra)
+        log.info("%s %s done in %.0f s", dataset, variant, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
