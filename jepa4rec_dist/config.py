@@ -311,8 +311,8 @@ class EvalConfig:
     batch_size: int = 64
     item_chunk: int = 65536  # items scored at once (never the whole catalogue for big ones)
     # The primary protocol (model selection, early stopping); tables always report both. true: the user's
-    # earlier items leave the candidates (RecBole, most MovieLens tables); false: they are ranked too
-    # (RecFormer's code); null: true unless >= 1% of the dataset's interactions repeat an earlier item of
+    # earlier items leave the candidates (the usual choice for one-interaction-per-item data); false: they are
+    # ranked too (RecFormer's code, RecBole's full-sort evaluation of sequential models); null: true unless >= 1% of the dataset's interactions repeat an earlier item of
     # the same user (MovieLens, Amazon reviews: true).
     exclude_history: bool | None = None
     # Rows by the target's training count: cold = count < cold_below; head = the top head_share of items

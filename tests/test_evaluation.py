@@ -129,3 +129,34 @@ def test_ranks_reject_mismatched_users(successor, tmp_path):
     moved = RankFile(a.path, a.meta, {**a.columns, "target_index": np.roll(a.columns["target_index"], 1)})
     with pytest.raises(ValueError, match="different targets"):
         compare(a, moved)
+
+
+def test_finetuning_softmax_leaves_held_out_items_out():
+    """The text model's training loss on a new-items dataset: softmax over the items that existed at
+    training time only (held-out rows are not even negatives), targets re-indexed into that table."""
+    from torch import nn
+
+    from jepa4rec_dist.train.finetune import FinetuneModel
+    from kernels.infonce import infonce_loss
+
+    class FixedHistory(nn.Module):  # the sequence side: any vectors will do for the loss wiring
+        def __init__(self, vectors):
+            super().__init__()
+            self.vectors = vectors
+
+        def represent(self, batch, prefix):
+            return self.vectors
+
+    hist = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    table = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    keep = torch.tensor([0, 1, 3, 5])  # items 2 and 4 are new
+    remap = torch.full((6,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(4)
+    batch = {"next_item_index": torch.tensor([0, 3, 5])}
+    model = FinetuneModel(FixedHistory(hist), 0.05, "reference", remap)
+    loss = model(batch, table[keep])
+    logits = hist @ table[keep].T / 0.05
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 3]))
+    assert torch.allclose(loss, expected, atol=1e-5)
+    full = infonce_loss(hist, table, batch["next_item_index"], temperature=0.05, normalize=False, backend="reference")
+    assert not torch.allclose(loss, full)  # the held-out rows would have been negatives

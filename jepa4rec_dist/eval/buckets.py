@@ -36,8 +36,9 @@ class Buckets:
 
     def edges(self) -> dict:
         sizes = {b: int((self.labels == b).sum()) for b in ("cold", "tail", "head")}
-        return {"cold": f"train count < {self.cold_below}",
-                "tail": f"{self.cold_below} <= train count < {self.head_min}",
+        tail = (f"{self.cold_below} <= train count < {self.head_min}" if self.head_min > self.cold_below
+                else "empty (the head starts at the cold edge)")
+        return {"cold": f"train count < {self.cold_below}", "tail": tail,
                 "head": f"train count >= {self.head_min} (top {self.head_share:.0%} of items by count)",
                 "items_per_bucket": sizes, "cold_below": self.cold_below, "head_min": self.head_min,
                 "head_share": self.head_share}

@@ -7,10 +7,11 @@ catalogue; the rank of each target is the count of items scoring strictly higher
 excluded, so a target never outranks itself through float noise between two code paths).
 
 Protocols, both computed in the same pass (the history mask costs a fraction of the scoring):
-- `history-excluded`: the user's earlier items are taken out of the candidates before ranking (RecBole,
-  most published MovieLens tables). A target that is also a history item (repeat consumption) still
+- `history-excluded`: the user's earlier items are taken out of the candidates before ranking (what
+  data with one interaction per user and item calls for; RecBole does it for general recommenders). A target that is also a history item (repeat consumption) still
   competes: only the other history items leave.
-- `history-included`: every item competes, history included (RecFormer's evaluation code).
+- `history-included`: every item competes, history included (RecFormer's evaluation code, and RecBole
+  1.2.1's full-sort evaluation of sequential models, measured: docs/evaluation.md).
 `eval.exclude_history` picks the *primary* protocol, the one used for model selection and early
 stopping; tables always report both. Ties (items scoring exactly the target's score) never hurt the
 target under either protocol; their count is kept per user so a tie-heavy method shows up.

@@ -33,8 +33,8 @@ from jepa4rec_dist.model.checkpoint import load_export
 from jepa4rec_dist.train.engine import resolve_device
 from jepa4rec_dist.train.finetune import run_eval
 
-PROTOCOL_TITLES = {EXCLUDED: "history excluded (the user's earlier items are not candidates: RecBole, most MovieLens tables)",
-                   INCLUDED: "history included (every item is a candidate: RecFormer's evaluation code)"}
+PROTOCOL_TITLES = {EXCLUDED: "history excluded (the user's earlier items are not candidates)",
+                   INCLUDED: "history included (every item is a candidate: RecFormer's code, RecBole's sequential models)"}
 
 
 def dataset(cfg: Config) -> tuple[Path, TokenizerInfo, ItemTable]:

@@ -1,0 +1,61 @@
+"""The quality report as a user rebuilds it: the runner on a small dataset (both splits, two baselines),
+then the report builder; every number in REPORT.md and results.json comes from the rank files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from jepa4rec_dist.eval.ranks import read_ranks
+from jepa4rec_dist.eval.stats import per_user
+from tests.test_baselines import write_successor_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runner_then_report(tmp_path):
+    prepared = write_successor_dataset(tmp_path / "succ")
+    recipe = yaml.safe_load((prepared / "config.yaml").read_text())
+    recipe["baselines"]["sasrec"].update({"epochs": 3, "hidden": 16, "max_len": 8})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
+           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--new-items-fraction", "0.25"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("standard", "new-items"):
+        assert (runs / "generic" / variant / "eval" / "sasrec.json").is_file()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # resumes: nothing to do
+    assert "sasrec: done" in again.stderr
+
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/quality/report.py"), "--runs", str(runs),
+                           "--out", str(out), "--samples", "500"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (out / "REPORT.md").read_text()
+    results = json.loads((out / "results.json").read_text())["datasets"]["generic"]
+    assert (out / "quality-generic.png").stat().st_size > 10_000
+    assert "SASRec (IDs)" in report and "history excluded" in report and "paired differences" in report
+    # the report's numbers are the rank files' numbers
+    doc = json.loads((runs / "generic/standard/eval/sasrec.json").read_text())
+    ranks = read_ranks(runs / "generic/standard/eval" / doc["methods"][0]["ranks_file"])
+    cell = results["methods"]["sasrec"]["cells"]["history-excluded"]["standard/all"]
+    assert cell["ndcg@10"] == per_user(ranks.ranks("history-excluded"), "ndcg@10").mean()
+    assert cell["ndcg@10_low"] <= cell["ndcg@10"] <= cell["ndcg@10_high"]
+    assert f"{cell['ndcg@10']:.4f} [{cell['ndcg@10_low']:.4f}, {cell['ndcg@10_high']:.4f}]" in report
+    new = results["methods"]["popularity"]["cells"]["history-included"]["new-items/new-items"]
+    pop_doc = json.loads((runs / "generic/new-items/eval/popularity.json").read_text())
+    pop = read_ranks(runs / "generic/new-items/eval" / pop_doc["methods"][0]["ranks_file"])
+    is_new = pop.columns["new_item"]
+    assert new["users"] == is_new.sum() > 0
+    assert new["mrr"] == per_user(pop.ranks("history-included")[is_new], "mrr").mean()
+    pairs = [p for p in results["pairs"] if p["method_a"] == "sasrec" and p["method_b"] == "popularity"]
+    assert {(p["variant"], p["protocol"]) for p in pairs} == {
+        (v, pr) for v in ("standard", "new-items") for pr in ("history-excluded", "history-included")}
+    std = next(p for p in pairs if p["variant"] == "standard" and p["protocol"] == "history-excluded")
+    assert np.isclose(std["diff"], cell["ndcg@10"] - results["methods"]["popularity"]["cells"]["history-excluded"]
+                      ["standard/all"]["ndcg@10"])
+    assert results["runs"]["standard/sasrec"]["rank_file_sha256"]
