@@ -159,13 +159,17 @@ def cmd_finetune(args, overrides: list[str]) -> int:
     if args.model:
         extra.append(f"--finetune.init_from={args.model}")
     cfg = _config(args, overrides, args.data, extra)
-    _setup_logging(Path(cfg.finetune.output_dir), args.verbose)
+    _setup_logging(Path(cfg.hybrid.output_dir if cfg.finetune.model == "hybrid" else cfg.finetune.output_dir),
+                   args.verbose)
     result = finetune(cfg)
     rows = [{"method": f"finetuned (best): {p}", "setting": "all", **result["test_by_protocol"][p], "seconds": 0}
             for p in sorted(PROTOCOLS, key=lambda p: p != result["primary_protocol"])]
     print(format_table(rows, tuple(cfg.eval.ks)))
     out = Path(cfg.finetune.output_dir)
-    print(f"best: stage {result['best']['stage']} epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f} "
+    if cfg.finetune.model == "hybrid":
+        out = Path(cfg.hybrid.output_dir)
+    stage = f"stage {result['best']['stage']} " if "stage" in result["best"] else ""
+    print(f"best: {stage}epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f} "
           f"({result['primary_protocol']}); export in {out / 'best'}; test rows by setting in {out / 'test.json'}")
     return 0
 

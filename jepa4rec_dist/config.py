@@ -24,6 +24,7 @@ from jepa4rec_dist.baselines.graph import GraphConfig
 from jepa4rec_dist.baselines.gru4rec import GRU4RecConfig
 from jepa4rec_dist.baselines.sasrec import SASRecConfig
 from jepa4rec_dist.baselines.text_pop import TextPopConfig
+from jepa4rec_dist.hybrid.model import HybridConfig
 
 # --------------------------------------------------------------------------------------------------------
 # Sections
@@ -275,8 +276,11 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Two-stage finetuning (SPEC section 5)."""
+    """Two-stage finetuning (SPEC section 5), or the item-vector model (`model: hybrid`, section `hybrid`)."""
 
+    # "encoder": RecFormer's two-stage finetuning of the token-level encoder; "hybrid": the item-vector
+    # sequence model (IDs and/or text vectors from a text encoder) of `jepa4rec_dist.hybrid`.
+    model: Literal["encoder", "hybrid"] = "encoder"
     init_from: str | None = None  # a pretrained export directory (or null: the model section's init)
     output_dir: str = "runs/finetune"
     stage1_epochs: int = 5
@@ -387,6 +391,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):

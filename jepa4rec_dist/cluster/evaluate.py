@@ -26,7 +26,7 @@ class EvalWorker:
     def __init__(self, cfg_dict: dict, model_dir: str, threads: int = 1):
         from jepa4rec_dist.eval.run import dataset
         from jepa4rec_dist.model import build_encoder
-        from jepa4rec_dist.model.checkpoint import load_export
+        from jepa4rec_dist.model.checkpoint import is_export, load_export
         from jepa4rec_dist.train.engine import resolve_device
 
         torch.set_num_threads(threads)
@@ -36,7 +36,8 @@ class EvalWorker:
         encoder, _, extra = build_encoder(replace(self.cfg.model, init_from=model_dir), self.tok, with_head=False)
         self.encoder = encoder.to(self.device).eval()
         self.saved_table = extra.get("item_table")
-        self.temperature = load_export(model_dir)[3].get("temperature", self.cfg.finetune.temperature)
+        self.temperature = (load_export(model_dir)[3].get("temperature", self.cfg.finetune.temperature)
+                            if is_export(model_dir) else self.cfg.finetune.temperature)  # minilm / HF: encoding only
 
     def has_table(self) -> bool:
         return self.saved_table is not None
@@ -65,6 +66,40 @@ class EvalWorker:
         return out
 
 
+def _encode_on(actors, cfg: Config) -> np.ndarray:
+    """The catalogue encoded by the actors: item batch b goes to actor b % len(actors), merged in order."""
+    import ray
+
+    from jepa4rec_dist.data.items import ItemTable
+
+    n = ItemTable.load(cfg.data.out_dir).num_items
+    batches = list(range(-(-n // cfg.eval.batch_size)))
+    parts: dict[int, np.ndarray] = {}
+    for done in ray.get([a.encode.remote(batches[i::len(actors)]) for i, a in enumerate(actors)]):
+        parts.update(done)
+    return np.concatenate([parts[b] for b in batches])
+
+
+def ray_encode_items(cfg: Config, model_dir: str, num_actors: int, use_gpu: bool = False) -> np.ndarray:
+    """(num_items, dim) item vectors of `model_dir` (an export, `minilm` or a HF folder) encoded by
+    `num_actors` Ray actors: the same batches, hence the same numbers, as the single-process path."""
+    import ray
+
+    from jepa4rec_dist.cluster.jobs import absolute_paths
+
+    if num_actors < 1:
+        raise ValueError(f"actors must be >= 1, got {num_actors}")
+    cfg = absolute_paths(replace(cfg, loader=replace(cfg.loader, num_workers=0)))
+    source = model_dir if model_dir == "minilm" else str(Path(model_dir).resolve())
+    actor_cls = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)(EvalWorker)
+    actors = [actor_cls.remote(config_to_dict(cfg), source) for _ in range(num_actors)]
+    try:
+        return _encode_on(actors, cfg)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
 def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "test", use_gpu: bool = False,
                  ctx=None):
     """The export evaluated by `num_actors` Ray actors: an `Evaluated` like `eval.run.evaluate_method`'s."""
@@ -84,14 +119,7 @@ def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "tes
     actors = [actor_cls.remote(config_to_dict(cfg), str(Path(model_dir).resolve())) for _ in range(num_actors)]
     item_table = None
     if not ray.get(actors[0].has_table.remote()):
-        from jepa4rec_dist.data.items import ItemTable
-
-        n = ItemTable.load(cfg.data.out_dir).num_items
-        batches = list(range(-(-n // cfg.eval.batch_size)))
-        parts: dict[int, np.ndarray] = {}
-        for done in ray.get([a.encode.remote(batches[i::num_actors]) for i, a in enumerate(actors)]):
-            parts.update(done)
-        item_table = np.concatenate([parts[b] for b in batches])
+        item_table = _encode_on(actors, cfg)
     ranked: dict[int, tuple] = {}
     for done in ray.get([a.rank.remote(item_table, split, i, num_actors) for i, a in enumerate(actors)]):
         ranked.update(done)

@@ -44,8 +44,13 @@ def dataset(cfg: Config) -> tuple[Path, TokenizerInfo, ItemTable]:
 
 def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTable, progress: bool = True,
                  name: str | None = None) -> EncoderScorer:
-    """An export as a scorer: its finetuned item table if it has one, else the catalogue encoded now."""
+    """An export as a scorer: its finetuned item table if it has one, else the catalogue encoded now; a
+    hybrid (item-vector) export scores from its own saved tables."""
     device = resolve_device(cfg.train.device)
+    from jepa4rec_dist.hybrid.scorer import hybrid_scorer, is_hybrid_export
+
+    if is_hybrid_export(model_dir):
+        return hybrid_scorer(model_dir, table.num_items, name, device)
     _, _, _, meta = load_export(model_dir)
     if meta.get("tokenizer") and meta["tokenizer"]["name"] != tok.name:
         raise ValueError(f"{model_dir}: trained with tokenizer {meta['tokenizer']['name']!r}, the dataset "

@@ -97,6 +97,10 @@ class FinetuneModel(nn.Module):
 def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True) -> dict:
     """Two-stage finetuning in one process or on every rank of a DeepSpeed job (data parallel: each rank
     trains on its share of the users; rank 0 validates, exports and tests a copy of the weights)."""
+    if cfg.finetune.model == "hybrid":
+        from jepa4rec_dist.hybrid.train import train_hybrid
+
+        return train_hybrid(cfg, runtime, progress)
     runtime = runtime or Runtime()
     ft, main = cfg.finetune, runtime.is_main
     out = Path(ft.output_dir)

@@ -1,0 +1,269 @@
+"""`train_hybrid(cfg, runtime)`: the item-vector model's training loop (single process or DeepSpeed ranks).
+
+Data: the train split's sequences cut into windows of `max_len + 1` items (every transition a target once
+per epoch, as for SASRec), all in memory: a few hundred bytes per window. Each epoch draws one seeded
+permutation; global batch b is rows [b*B, (b+1)*B) of it (B = `hybrid.batch_size`), and rank r of W
+takes the r-th of W contiguous slices. The loss is normalised by the global batch's target count and
+the alignment terms are computed on the global batch's distinct targets on every rank, so with the
+engine's gradient averaging a W-rank step is the single-process step on the same global batch.
+
+Per epoch: train, validate (rank 0, the harness, the primary protocol; `valid_users` to cut it), export
+the best model, checkpoint (engine + epoch, best-so-far, RNG: the same command again resumes after the
+last complete epoch). Stops after `patience` epochs without a better validation NDCG@10. At the end the
+best export is evaluated on the test split (`test.json` + per-user ranks) and `result.json` written.
+Run folder (`hybrid.output_dir`): config.yaml, metrics.jsonl, checkpoints/, best/, test.json, result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from jepa4rec_dist.baselines import check_records
+from jepa4rec_dist.baselines.sequential import IGNORE, training_windows
+from jepa4rec_dist.config import Config, save_config
+from jepa4rec_dist.data.shards import iter_records
+from jepa4rec_dist.hybrid.model import HybridSeqRec
+from jepa4rec_dist.hybrid.scorer import HybridScorer, save_hybrid
+from jepa4rec_dist.train.distributed import broadcast_value
+from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype
+from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
+from kernels.infonce import infonce_loss
+
+log = logging.getLogger(__name__)
+CONSTANT_LR_STEPS = 10**12  # the engines' linear decay over this many steps: a constant rate in practice
+
+
+def text_source(cfg: Config) -> str:
+    source = cfg.hybrid.text_from or cfg.finetune.init_from or cfg.model.init_from
+    if source is None:
+        raise ValueError("hybrid.text_from: no text encoder given (set hybrid.text_from, finetune.init_from or "
+                         "model.init_from), or use hybrid.mode=id")
+    return source
+
+
+class HybridObjective(nn.Module):
+    """Full softmax over the items that may be trained (held-out new items are not even negatives) plus
+    the alignment terms. `remap`: catalogue index -> row of the training table (None: all items)."""
+
+    def __init__(self, model: HybridSeqRec, backend: str, train_rows: torch.Tensor | None, remap: torch.Tensor | None):
+        super().__init__()
+        self.model, self.backend = model, backend
+        self.register_buffer("train_rows", train_rows if train_rows is not None else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("remap", remap if remap is not None else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, inputs, targets, align_items, scale):
+        """Loss of one rank's slice; `scale` = world / global target count (the single-process mean)."""
+        queries = self.model(inputs)  # (B, L, D)
+        real = targets != IGNORE
+        keys = self.model.item_table()
+        tgt = targets[real]
+        if len(self.remap):
+            keys, tgt = keys[self.train_rows], self.remap[tgt]
+        rec = infonce_loss(queries[real], keys, tgt, temperature=1.0, normalize=False, backend=self.backend,
+                           reduction="sum") * scale
+        align, parts = self.model.align_loss(align_items)
+        return rec + align, rec.detach(), parts
+
+
+def _engine(objective, cfg: Config, runtime, device, steps: int):
+    hc = cfg.hybrid
+    dtype = resolve_dtype(cfg.train.precision, device)
+    if runtime.distributed:
+        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
+
+        per_rank = max(1, math.ceil(hc.batch_size / runtime.world))
+        spec = OptimSpec(hc.lr, hc.weight_decay, 0, CONSTANT_LR_STEPS, hc.clip_norm, per_rank, 1, cfg.train.zero_stage)
+        return DeepSpeedEngine(objective, spec, runtime.world, bf16=dtype == torch.bfloat16)
+    return TorchEngine(objective, hc.lr, hc.weight_decay, 0, CONSTANT_LR_STEPS, hc.clip_norm, 1, device, dtype)
+
+
+def train_sequences(cfg: Config, root: Path, num_items: int, main: bool, runtime) -> list[list[int]]:
+    from jepa4rec_dist.data.prepare import low_resource_dataset
+
+    ft = cfg.finetune
+    train_root = root
+    if ft.low_resource_fraction is not None and ft.low_resource_fraction < 1:
+        if main:
+            low_resource_dataset(root, ft.low_resource_fraction, ft.seed)
+        runtime.barrier()
+        train_root = low_resource_dataset(root, ft.low_resource_fraction, ft.seed)
+        log.info("low-resource: training on %s", train_root)
+    return check_records(iter_records(train_root, "train"), num_items, "hybrid")
+
+
+def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.hybrid.vectors import item_vectors
+    from jepa4rec_dist.train.pretrain import Runtime
+
+    runtime = runtime or Runtime()
+    hc, main = cfg.hybrid, runtime.is_main
+    out, root = Path(hc.output_dir), Path(cfg.data.out_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(hc.seed)
+    device = runtime.device(cfg.train.device)
+    ctx = EvalContext.build(cfg)
+    n_items = ctx.table.num_items
+    text, text_identity = None, None
+    if hc.mode != "id":
+        source = text_source(cfg)
+        if main:
+            item_vectors(cfg, root, source, progress, hc.refresh_vectors, hc.ray_actors)
+        runtime.barrier()
+        vectors, text_identity = item_vectors(cfg, root, source, False)  # every rank: the cache rank 0 wrote
+        text = torch.from_numpy(np.ascontiguousarray(vectors))
+    inputs, targets = training_windows(train_sequences(cfg, root, n_items, main, runtime), hc.max_len, "hybrid")
+    train_rows = remap = None
+    if ctx.new_items is not None:
+        keep = np.ones(n_items, dtype=bool)
+        keep[ctx.new_items] = False
+        if not keep[targets[targets != IGNORE].numpy()].all():
+            raise ValueError(f"{root}: the train split contains held-out new items")
+        train_rows = torch.from_numpy(np.flatnonzero(keep))
+        remap = torch.full((n_items,), -1, dtype=torch.long)
+        remap[train_rows] = torch.arange(len(train_rows))
+    model = HybridSeqRec(n_items, hc, text, torch.from_numpy(ctx.train_counts))
+    objective = HybridObjective(model, hc.loss_backend, train_rows, remap).to(device)
+    steps_per_epoch = max(1, len(inputs) // hc.batch_size if len(inputs) >= hc.batch_size else 1)
+    engine = _engine(objective, cfg, runtime, device, steps_per_epoch * hc.epochs)
+    model = engine.module.model
+    metrics = MetricsLog(out / "metrics.jsonl") if main else None
+    ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_last)
+    state = {"epoch": 0, "best": -1.0, "best_epoch": None, "stale": 0, "history": []}
+    tag = ckpts.latest()
+    if tag is not None:
+        engine.load_checkpoint(ckpts.folder, tag)
+        client = ckpts.load_client(tag, runtime.rank)
+        state = client["state"]
+        set_rng_state(client["rng"])
+        if main:
+            log.info("resumed from %s (epoch %d, best %s)", ckpts.folder / tag, state["epoch"], state["best_epoch"])
+    identity = {"text": text_identity, "dataset": ctx.dataset_info(), "primary_protocol": ctx.exclude_history}
+
+    while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience):
+        epoch = state["epoch"] + 1
+        row = _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress)
+        valid = _validate(engine, model, cfg, ctx, runtime, progress)
+        if main:
+            improved = valid["ndcg@10"] > state["best"]
+            if improved:
+                state.update(best=valid["ndcg@10"], best_epoch=epoch, stale=0)
+                save_hybrid(out / "best", _copy(model), {**identity, "epoch": epoch, "valid": valid})
+            else:
+                state["stale"] += 1
+            row.update({f"valid_{k}": v for k, v in valid.items()})
+            metrics.write(row)
+            state["history"].append(row)
+        state = broadcast_value(state)
+        state["epoch"] = epoch
+        _checkpoint(engine, ckpts, epoch, state, runtime)
+    result = None
+    if main:
+        result = _finish(cfg, ctx, out, state)
+    runtime.barrier()
+    return broadcast_value(result)
+
+
+def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    hc = cfg.hybrid
+    objective.train()
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(hc.seed * 100_003 + epoch))
+    batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < runtime.world:
+        batches = batches[:-1]  # a last global batch too small to give every rank a row
+    t0, rec_sum, n_targets, parts_sum = time.perf_counter(), 0.0, 0, {}
+    bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=not (progress and runtime.is_main), leave=False)
+    for rows in bar:
+        tg = targets[rows]
+        n_global = int((tg != IGNORE).sum())
+        align_items = torch.unique(tg[tg != IGNORE])
+        per = math.ceil(len(rows) / runtime.world)
+        mine = rows[runtime.rank * per:(runtime.rank + 1) * per]
+        loss, rec, parts = engine(inputs[mine].to(device), targets[mine].to(device), align_items.to(device),
+                                  runtime.world / n_global)
+        engine.backward(loss)
+        engine.step()
+        rec_sum += float(rec) * n_global / runtime.world
+        n_targets += n_global
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{float(rec) / runtime.world:.3f}")
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch, "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
+            "targets_per_s": round(n_targets / seconds, 1), "seconds": round(seconds, 1),
+            **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}
+
+
+def _copy(model: HybridSeqRec) -> HybridSeqRec:
+    """A standalone copy of the (gathered) model for validation and export."""
+    state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+    copy = HybridSeqRec(model.num_items, model.cfg, state.get("text"), torch.zeros(model.num_items))
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
+def _validate(engine, model, cfg: Config, ctx, runtime, progress) -> dict:
+    from jepa4rec_dist.train.finetune import run_eval
+
+    valid = None
+    with engine.gathered(model.parameters()):
+        copy = _copy(model) if runtime.is_main else None
+    if runtime.is_main:
+        scorer = HybridScorer(copy, "hybrid", runtime.device(cfg.train.device))
+        res = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "valid", False, max_users=cfg.hybrid.valid_users,
+                       exclude_history=ctx.exclude_history)
+        valid = res.metrics
+    runtime.barrier()
+    return broadcast_value(valid)
+
+
+def _checkpoint(engine, ckpts: Checkpoints, epoch: int, state: dict, runtime) -> None:
+    tag = Checkpoints.tag(epoch)
+    engine.save_checkpoint(ckpts.folder, tag)
+    ckpts.save_client(tag, runtime.rank, {"state": state, "rng": rng_state()})
+    runtime.barrier()
+    if runtime.is_main:
+        ckpts.mark_complete(tag)
+        ckpts.prune()
+    runtime.barrier()
+
+
+def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
+    from jepa4rec_dist.eval.run import Evaluated, write_evaluation
+    from jepa4rec_dist.hybrid.scorer import hybrid_scorer
+    from jepa4rec_dist.train.finetune import run_eval
+
+    if state["best_epoch"] is None:
+        raise ValueError(f"{out}: no epoch was validated (hybrid.epochs={cfg.hybrid.epochs})")
+    t0 = time.perf_counter()
+    scorer = hybrid_scorer(out / "best", ctx.table.num_items, name=f"hybrid-{cfg.hybrid.mode}")
+    test = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "test", False, exclude_history=ctx.exclude_history)
+    fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
+           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1)}
+    write_evaluation(out / "test.json", replace(cfg), ctx, [Evaluated(scorer.name, "test", test,
+                                                                      time.perf_counter() - t0, fit)], "test")
+    result = {"best": {"epoch": state["best_epoch"], "ndcg@10": state["best"]}, "test": test.metrics,
+              "test_by_protocol": test.by_protocol, "primary_protocol": test.primary, "fit": fit,
+              "export": str(out / "best"), "history": state["history"]}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    log.info("hybrid (%s): best epoch %d, valid ndcg@10 %.4f; test %s", cfg.hybrid.mode, state["best_epoch"],
+             state["best"], {k: round(v, 4) for k, v in test.metrics.items() if k != "users"})
+    return result
+
+
+__all__ = ["train_hybrid", "text_source", "HybridObjective"]

@@ -1,0 +1,132 @@
+"""Item text vectors for the item-vector models: every catalogue item encoded once by a text encoder.
+
+A source is one of our exports (JEPA4Rec- or RecFormer-pretrained, finetuned), `minilm` (raw
+all-MiniLM-L6-v2 from the installed package) or a local HF checkpoint folder; it is run through our own
+encoder exactly as evaluation does (`eval.model_scorer.encode_items`: `[CLS] + item`, the source's pooling,
+L2-normalised). On a Ray cluster the catalogue is cut into batches and encoded on the evaluation actor pool
+(`cluster.evaluate.ray_encode_items`).
+
+Cache: `<dataset>/item_vectors/<source slug>.npy` + `.json`. The JSON records the identity of what made the
+vectors: sha256 of the source's weights and config, sha256 of the dataset's items.parquet, pooling and
+sequence settings. Reading a cache whose identity differs from the source as it is now (a pretraining
+re-run into the same folder, a re-prepared dataset) is an error naming the field, never a silent reuse;
+`refresh=True` rebuilds it. Trade-off: hashing the weights costs ~0.3 s per 100 MB on each load, which
+is what makes the check trustworthy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jepa4rec_dist.data.items import ITEMS_FILE
+from jepa4rec_dist.data.tokenization import minilm_model_dir
+
+log = logging.getLogger(__name__)
+CACHE_DIR = "item_vectors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_folder(source: str) -> Path:
+    folder = minilm_model_dir() if source == "minilm" else Path(source)
+    if not folder.is_dir():
+        raise ValueError(f"item vectors: source {source!r} is neither 'minilm' nor a model folder")
+    return folder
+
+
+def source_identity(source: str) -> dict:
+    """sha256 of the weights and config of a text source (our export, minilm, a HF folder)."""
+    folder = source_folder(source)
+    weights = [p for p in ("model.safetensors", "pytorch_model.bin") if (folder / p).is_file()]
+    if not weights:
+        raise ValueError(f"item vectors: {folder} has no model.safetensors or pytorch_model.bin")
+    ident = {"source": source, "folder": str(folder.resolve()), "weights_sha256": _sha256(folder / weights[0])}
+    if (folder / "config.json").is_file():
+        ident["config_sha256"] = _sha256(folder / "config.json")
+    return ident
+
+
+def cache_paths(root: str | Path, source: str) -> tuple[Path, Path]:
+    import re
+
+    name = "minilm" if source == "minilm" else re.sub(r"[^A-Za-z0-9._-]+", "-", str(Path(source).resolve())).strip("-")
+    base = Path(root) / CACHE_DIR / name[-120:]
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def identity(cfg, root: str | Path, source: str) -> dict:
+    """Everything the vectors depend on (compared field by field against a cache)."""
+    from jepa4rec_dist.model.checkpoint import is_export
+
+    pooling = cfg.model.pooling  # an export encodes with its own pooling (build_encoder takes its shape)
+    if source != "minilm" and is_export(source):
+        pooling = json.loads((Path(source) / "config.json").read_text())["model"].get("pooling", "cls")
+    return {**source_identity(source), "catalogue_sha256": _sha256(Path(root) / ITEMS_FILE),
+            "pooling": pooling, "max_tokens": cfg.sequence.max_tokens,
+            "position_style": cfg.sequence.position_style}
+
+
+def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray_actors: int = 0) -> np.ndarray:
+    """(num_items, dim) float32 unit vectors of the catalogue at `root` through `source`."""
+    if ray_actors:
+        from jepa4rec_dist.cluster.evaluate import ray_encode_items
+
+        return ray_encode_items(replace(cfg, data=replace(cfg.data, out_dir=str(root))), source, ray_actors)
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.shards import load_manifest
+    from jepa4rec_dist.data.tokenization import TokenizerInfo
+    from jepa4rec_dist.eval.model_scorer import encode_items
+    from jepa4rec_dist.model import build_encoder
+    from jepa4rec_dist.train.engine import resolve_device
+
+    tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
+    table = ItemTable.load(root)
+    device = resolve_device(cfg.train.device)
+    encoder, _, _ = build_encoder(replace(cfg.model, init_from=source), tok, with_head=False)
+    encoder.to(device).eval()
+    with torch.no_grad():
+        vectors = encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress)
+    return vectors.float().cpu().numpy()
+
+
+def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refresh: bool = False,
+                 ray_actors: int = 0) -> tuple[np.ndarray, dict]:
+    """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached."""
+    npy, meta_path = cache_paths(root, source)
+    want = identity(cfg, root, source)
+    if npy.is_file() and meta_path.is_file() and not refresh:
+        have = json.loads(meta_path.read_text())
+        stale = [k for k in want if have.get(k) != want[k]]
+        if stale:
+            raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
+                             f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
+                             "or pass --hybrid.refresh_vectors=true")
+        vectors = np.load(npy)
+        log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
+        return vectors, have
+    vectors = encode_source(cfg, root, source, progress, ray_actors)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, vectors)
+    tmp.replace(npy)
+    meta_path.write_text(json.dumps({**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
+                                    indent=1))
+    log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
+    return vectors, want
+
+
+__all__ = ["source_identity", "identity", "cache_paths", "encode_source", "item_vectors"]
