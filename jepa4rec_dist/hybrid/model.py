@@ -110,11 +110,25 @@ def mk_mmd(x: torch.Tensor, y: torch.Tensor, scales=MMD_SCALES) -> torch.Tensor:
     """Biased MMD^2 between the rows of x and y with a sum of Gaussian kernels exp(-d^2 / (s * m)), m the
     median squared distance over all pairs (detached)."""
     z = torch.cat([x, y])
-    d2 = torch.cdist(z, z).pow(2)
+    # the exact pairwise path: the matmul shortcut loses the small distances that the kernels care about
+    d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     med = d2.detach()[d2.detach() > 0].median() if (d2.detach() > 0).any() else d2.new_tensor(1.0)
     k = sum(torch.exp(-d2 / (s * med)) for s in scales)
     n = x.shape[0]
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+class FrequencyGate(nn.Module):
+    """g(i) = softmax_k(w_k * f_i + b_k) over experts, f_i in [0, 1] the item's scaled log training count.
+    Starts uniform (w = b = 0); learning w tells which expert wins as items get more frequent."""
+
+    def __init__(self, experts: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(experts))
+        self.b = nn.Parameter(torch.zeros(experts))
+
+    def forward(self, freq: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(freq[:, None] * self.w + self.b, dim=-1)  # (N, E)
 
 
 class HybridSeqRec(nn.Module):
@@ -147,8 +161,7 @@ class HybridSeqRec(nn.Module):
         self.norm = nn.LayerNorm(h)
         if len(self.experts) > 1:
             self.heads = nn.ModuleList(nn.Linear(h, h) for _ in self.experts)
-            self.gate_w = nn.Parameter(torch.zeros(len(self.experts)))
-            self.gate_b = nn.Parameter(torch.zeros(len(self.experts)))
+            self.gate = FrequencyGate(len(self.experts))
 
     # --- items ---------------------------------------------------------------------------------------------
     def text_keys(self) -> torch.Tensor:
@@ -166,7 +179,7 @@ class HybridSeqRec(nn.Module):
         """(N, E) expert weights per item (ones for a single expert)."""
         if len(self.experts) == 1:
             return self.freq.new_ones(self.num_items, 1)
-        return torch.softmax(self.freq[:, None] * self.gate_w + self.gate_b, dim=-1)
+        return self.gate(self.freq)
 
     def item_table(self) -> torch.Tensor:
         """(N, D) keys: the experts' keys scaled by their gates, side by side."""
@@ -231,4 +244,4 @@ class HybridSeqRec(nn.Module):
         return self.num_items
 
 
-__all__ = ["HybridConfig", "HybridSeqRec", "mk_mmd"]
+__all__ = ["HybridConfig", "FrequencyGate", "HybridSeqRec", "mk_mmd"]

@@ -63,7 +63,12 @@ class HybridObjective(nn.Module):
                              persistent=False)
 
     def forward(self, inputs, targets, align_items, scale):
-        """Loss of one rank's slice; `scale` = world / global target count (the single-process mean)."""
+        """Loss of one rank's slice; `scale` = world / global target count (the single-process mean). A rank
+        whose slice of a short last batch is empty still takes part (zero loss, gradients of zero)."""
+        align, parts = self.model.align_loss(align_items)
+        if inputs.shape[0] == 0:
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return align + zero, zero.detach(), parts
         queries = self.model(inputs)  # (B, L, D)
         real = targets != IGNORE
         keys = self.model.item_table()
@@ -72,11 +77,10 @@ class HybridObjective(nn.Module):
             keys, tgt = keys[self.train_rows], self.remap[tgt]
         rec = infonce_loss(queries[real], keys, tgt, temperature=1.0, normalize=False, backend=self.backend,
                            reduction="sum") * scale
-        align, parts = self.model.align_loss(align_items)
         return rec + align, rec.detach(), parts
 
 
-def _engine(objective, cfg: Config, runtime, device, steps: int):
+def _engine(objective, cfg: Config, runtime, device):
     hc = cfg.hybrid
     dtype = resolve_dtype(cfg.train.precision, device)
     if runtime.distributed:
@@ -113,7 +117,6 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    seed_everything(hc.seed)
     device = runtime.device(cfg.train.device)
     ctx = EvalContext.build(cfg)
     n_items = ctx.table.num_items
@@ -135,10 +138,10 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         train_rows = torch.from_numpy(np.flatnonzero(keep))
         remap = torch.full((n_items,), -1, dtype=torch.long)
         remap[train_rows] = torch.arange(len(train_rows))
+    seed_everything(hc.seed)  # here, not earlier: encoding the vectors (or not, when cached) draws random numbers
     model = HybridSeqRec(n_items, hc, text, torch.from_numpy(ctx.train_counts))
     objective = HybridObjective(model, hc.loss_backend, train_rows, remap).to(device)
-    steps_per_epoch = max(1, len(inputs) // hc.batch_size if len(inputs) >= hc.batch_size else 1)
-    engine = _engine(objective, cfg, runtime, device, steps_per_epoch * hc.epochs)
+    engine = _engine(objective, cfg, runtime, device)
     model = engine.module.model
     metrics = MetricsLog(out / "metrics.jsonl") if main else None
     ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_last)
@@ -184,8 +187,6 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
     objective.train()
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(hc.seed * 100_003 + epoch))
     batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < runtime.world:
-        batches = batches[:-1]  # a last global batch too small to give every rank a row
     t0, rec_sum, n_targets, parts_sum = time.perf_counter(), 0.0, 0, {}
     bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=not (progress and runtime.is_main), leave=False)
     for rows in bar:
@@ -204,6 +205,10 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
             parts_sum[k] = parts_sum.get(k, 0.0) + v
         bar.set_postfix(loss=f"{float(rec) / runtime.world:.3f}")
     seconds = time.perf_counter() - t0
+    if runtime.distributed:  # the ranks' shares of the summed loss: the global mean, as one process logs it
+        total = torch.tensor([rec_sum], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        rec_sum = float(total[0])
     return {"epoch": epoch, "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
             "targets_per_s": round(n_targets / seconds, 1), "seconds": round(seconds, 1),
             **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}

@@ -1,0 +1,163 @@
+"""The item-vector model family: vector cache identity, causality, MK-MMD by hand, frequency gating,
+new items after training, resumable training, and the CLI/evaluate path."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from jepa4rec_dist.cli import main
+from jepa4rec_dist.config import load_config
+from jepa4rec_dist.eval.harness import top_k
+from jepa4rec_dist.hybrid.model import HybridConfig, HybridSeqRec, mk_mmd
+from jepa4rec_dist.hybrid.scorer import hybrid_scorer
+from jepa4rec_dist.hybrid.vectors import cache_paths, item_vectors
+from jepa4rec_dist.train.finetune import finetune
+from jepa4rec_dist.train.pretrain import pretrain
+from tests.test_baselines import write_successor_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [REPO / "configs/model/tiny.yaml"]
+
+
+@pytest.fixture(scope="module")
+def successor(tmp_path_factory):
+    return write_successor_dataset(tmp_path_factory.mktemp("succ"))
+
+
+def hybrid_cfg(root, out, *extra):
+    return load_config(overrides=[f"--data.out_dir={root}", "--finetune.model=hybrid", "--hybrid.text_from=minilm",
+                                  f"--hybrid.output_dir={out}", "--hybrid.epochs=12", "--hybrid.max_len=8",
+                                  "--hybrid.hidden=32", "--hybrid.lr=1e-2", "--hybrid.patience=3",
+                                  "--model.pooling=mean", *extra])
+
+
+def test_vector_cache_is_reused_and_a_changed_export_is_an_error(uneven_dataset, tmp_path):
+    root, _ = uneven_dataset
+    cfg = load_config(TINY, [f"--data.out_dir={root}", f"--train.output_dir={tmp_path / 'pre'}", "--train.max_steps=1",
+                             "--loader.num_workers=0"])
+    export = pretrain(cfg, progress=False)["export"]
+    first, ident = item_vectors(cfg, root, export, progress=False)
+    assert first.shape == (40, 32) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+    npy, meta = cache_paths(root, export)
+    assert npy.is_file() and json.loads(meta.read_text())["weights_sha256"] == ident["weights_sha256"]
+    again, _ = item_vectors(cfg, root, export, progress=False)
+    assert np.array_equal(first, again)  # read back, not re-encoded
+    weights = load_file(str(Path(export) / "model.safetensors"))  # the export changes in place (a re-run)
+    weights["encoder.embeddings.word_embeddings.weight"] += 0.01
+    save_file(weights, str(Path(export) / "model.safetensors"))
+    with pytest.raises(ValueError, match="stale item-vector cache: weights_sha256"):
+        item_vectors(cfg, root, export, progress=False)
+    fresh, ident2 = item_vectors(cfg, root, export, progress=False, refresh=True)
+    assert ident2["weights_sha256"] != ident["weights_sha256"] and not np.array_equal(fresh, first)
+    assert item_vectors(cfg, root, export, progress=False)[1]["weights_sha256"] == ident2["weights_sha256"]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "text", "id"])
+def test_a_position_never_sees_its_own_target(mode):
+    torch.manual_seed(0)
+    cfg = HybridConfig(mode=mode, hidden=16, layers=2, heads=2, max_len=6, dropout=0.0, id_init="normal")
+    model = HybridSeqRec(9, cfg, torch.randn(9, 12), torch.arange(9.0)).eval()
+    ids = torch.tensor([[0, 3, 5, 2, 7, 1], [4, 4, 9, 8, 6, 2]])
+    with torch.no_grad():
+        base = model(ids)
+        for t in range(5):  # change everything after position t: outputs up to t must not move
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.tensor([9, 8, 7, 6, 5, 4])[: 5 - t]
+            out = model(changed)
+            assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6), t
+            assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])
+    assert (base[0, 0] == 0).all()  # a pad position gives a zero query
+
+
+def test_mk_mmd_by_hand():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    assert mk_mmd(x, x.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    y = x + torch.tensor([0.0, 2.0])
+    # squared distances in z = [x; y]: within x and within y 1, across 4 (same column) and 5 (diagonal)
+    # median over the positive entries {1, 1, 4, 4, 5, 5} x2 = 4
+    def k(d2):
+        return sum(math.exp(-d2 / (s * 4.0)) for s in (0.25, 0.5, 1.0, 2.0, 4.0))
+    within = (2 * k(0) + 2 * k(1)) / 4
+    across = (2 * k(4) + 2 * k(5)) / 4
+    assert mk_mmd(x, y).item() == pytest.approx(2 * within - 2 * across, rel=1e-5)
+    assert mk_mmd(x, y).item() > mk_mmd(x, x + 0.1).item() > 0
+
+
+def test_frequency_gate_follows_item_frequency():
+    """Two experts over 40 items: the first scores the target of a frequent item (count 100) well and
+    is noise elsewhere, the second does the same for rare items (count 2). Trained on the softmax of the
+    gated scores, the gate must hand the first expert the frequent items and the second the rare ones:
+    the weight of the first rises with frequency."""
+    from jepa4rec_dist.hybrid.model import FrequencyGate
+
+    torch.manual_seed(0)
+    n, users = 40, 400
+    counts = torch.cat([torch.full((8,), 100.0), torch.full((32,), 2.0)])
+    freq = torch.log1p(counts) / math.log1p(counts.max())
+    targets = torch.cat([torch.randint(0, 8, (200,)), torch.randint(8, 40, (200,))])
+
+    def expert(informative):
+        s = torch.randn(users, n)
+        s[torch.arange(users)[informative], targets[informative]] += 4.0
+        return s
+
+    scores = torch.stack([expert(targets < 8), expert(targets >= 8)], -1)  # (users, items, experts)
+    gate = FrequencyGate(2)
+    assert torch.allclose(gate(freq), torch.full((n, 2), 0.5))  # starts uniform
+    opt = torch.optim.Adam(gate.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy((scores * gate(freq)).sum(-1), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = gate(freq).detach()
+    assert g[:8, 0].min() > 0.9 and g[8:, 1].min() > 0.9
+    order = torch.argsort(freq)
+    assert (torch.diff(g[order, 0]) >= 0).all()  # monotone in frequency
+
+
+def test_text_model_scores_an_item_added_after_training(successor, tmp_path):
+    result = finetune(hybrid_cfg(successor, tmp_path / "text", "--hybrid.mode=text"), progress=False)
+    assert result["test"]["recall@10"] == 1.0
+    scorer = hybrid_scorer(tmp_path / "text" / "best", 20)
+    vectors, _ = item_vectors(hybrid_cfg(successor, tmp_path), successor, "minilm", progress=False)
+    # a new listing with item 5's text: after item 4 it must come first or second (tied with item 5)
+    new = scorer.add_items(vectors[[5]])
+    assert new == [20] and scorer.num_items == 21
+    batch = {"history_items": [[2, 3, 4]], "next_item_index": torch.tensor([5]), "keys": ["u"]}
+    _, best = top_k(scorer, batch, 2, exclude_history=True)
+    assert set(best[0].tolist()) == {5, 20}
+    with pytest.raises(ValueError, match="cannot score items it has never seen"):
+        finetune(hybrid_cfg(successor, tmp_path / "id", "--hybrid.mode=id", "--hybrid.epochs=1"), progress=False)
+        hybrid_scorer(tmp_path / "id" / "best", 20).add_items(vectors[[5]])
+
+
+def test_hybrid_cli_resumes_and_evaluates(successor, tmp_path, capsys):
+    out = tmp_path / "h"
+    common = ["--data", str(successor), "--finetune.model=hybrid", "--hybrid.text_from=minilm",
+              f"--hybrid.output_dir={out}", "--hybrid.max_len=8", "--hybrid.hidden=32", "--hybrid.lr=1e-2",
+              "--hybrid.patience=0", "--model.pooling=mean", "--hybrid.align=[mmd, contrastive]"]
+    assert main(["finetune", *common, "--hybrid.epochs=2"]) == 0
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in first] == [1, 2] and "align_mmd" in first[0] and "align_contrastive" in first[0]
+    assert main(["finetune", *common, "--hybrid.epochs=4"]) == 0  # the same command, more epochs: resumes
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first
+    straight = tmp_path / "s"
+    assert main(["finetune", *[c.replace(str(out), str(straight)) for c in common], "--hybrid.epochs=4"]) == 0
+    other = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, other, strict=True):  # resumed = uninterrupted, epoch for epoch
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["valid_ndcg@10"] == pytest.approx(b["valid_ndcg@10"], abs=1e-9)
+    capsys.readouterr()
+    js = tmp_path / "e.json"
+    assert main(["evaluate", "--data", str(successor), "--model", str(out / "best"), "--out", str(js)]) == 0
+    doc = json.loads(js.read_text())
+    test = json.loads((out / "result.json").read_text())["test"]
+    row = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == doc["primary_protocol"])
+    assert row["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-9)
