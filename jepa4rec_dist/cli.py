@@ -162,15 +162,17 @@ def cmd_finetune(args, overrides: list[str]) -> int:
     _setup_logging(Path(cfg.hybrid.output_dir if cfg.finetune.model == "hybrid" else cfg.finetune.output_dir),
                    args.verbose)
     result = finetune(cfg)
-    rows = [{"method": f"finetuned (best): {p}", "setting": "all", **result["test_by_protocol"][p], "seconds": 0}
-            for p in sorted(PROTOCOLS, key=lambda p: p != result["primary_protocol"])]
-    print(format_table(rows, tuple(cfg.eval.ks)))
+    if "test_by_protocol" in result:
+        rows = [{"method": f"finetuned (best): {p}", "setting": "all", **result["test_by_protocol"][p], "seconds": 0}
+                for p in sorted(PROTOCOLS, key=lambda p: p != result["primary_protocol"])]
+        print(format_table(rows, tuple(cfg.eval.ks)))
     out = Path(cfg.finetune.output_dir)
     if cfg.finetune.model == "hybrid":
         out = Path(cfg.hybrid.output_dir)
     stage = f"stage {result['best']['stage']} " if "stage" in result["best"] else ""
-    print(f"best: {stage}epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f} "
-          f"({result['primary_protocol']}); export in {out / 'best'}; test rows by setting in {out / 'test.json'}")
+    tested = f"; test rows by setting in {out / 'test.json'}" if "test" in result else " (test not evaluated)"
+    print(f"best: {stage}epoch {result['best']['epoch']} valid ndcg@10 {result['best']['ndcg@10']:.4f}; "
+          f"export in {out / 'best'}{tested}")
     return 0
 
 

@@ -295,6 +295,9 @@ class FinetuneConfig:
     max_steps_per_epoch: int | None = None
     valid_users: int | None = None  # validate on the first N validation users only (null: all); test is always all
     pairs_per_user: int = 1  # (history, next item) pairs drawn from each training sequence per epoch
+    # Evaluate the best model on the test split at the end (test.json + ranks). false when a later
+    # `jepa4rec evaluate` of the export does it anyway (make demo), or for tuning runs.
+    test_at_end: bool = True
     seed: int = 0
 
     def validate(self, prefix: str) -> None:

@@ -34,8 +34,12 @@ from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS
 from jepa4rec_dist.eval.ranks import read_ranks
 from jepa4rec_dist.eval.stats import bootstrap_interval, paired_difference, per_user
 
-ORDER = ("jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
-LABELS = {"jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
+ORDER = ("hybrid", "hybrid-text", "hybrid-id", "hybrid-noalign", "hybrid-nogate", "hybrid-minilm",
+         "jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
+LABELS = {"hybrid": "ID + text (item vectors)", "hybrid-text": "  ablation: without IDs (text only)",
+          "hybrid-id": "  ablation: without text (IDs only)", "hybrid-noalign": "  ablation: without alignment",
+          "hybrid-nogate": "  ablation: without gating", "hybrid-minilm": "  ablation: raw MiniLM text",
+          "jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
           "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
           "graph": "graph heuristic", "popularity": "popularity"}
 CELLS = (("standard", "all"), ("standard", "cold"), ("standard", "tail"), ("standard", "head"),
@@ -116,8 +120,10 @@ def fmt_cell(c: dict | None) -> str:
 
 def fit_text(row: dict) -> str:
     fit = row["fit"].get("standard", {})
-    if "epochs" in fit:
+    if "epochs" in fit and "stopped" in fit:
         return f"{fit['epochs']} epochs (best {fit['best_epoch']}, stopped by {fit['stopped']})"
+    if "epochs" in fit:  # the item-vector model: patience ends it; the text vectors come from an export
+        return f"{fit['epochs']} epochs (best {fit['best_epoch']})"
     if "beta" in fit:
         return f"beta {fit['beta']}, last {fit['last_items']} items (valid)"
     if "finetune_seconds" in fit:

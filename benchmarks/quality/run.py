@@ -8,9 +8,10 @@ For each variant (`standard`; `new-items`: the same data with `--new-items-fract
 held out of training) it runs, each step skipped when its output exists (so a stopped run resumes):
   prepare -> JEPA4Rec pretraining (train split only) -> two-stage finetuning -> evaluation of every
   method on the test split (`eval/<method>.json` + per-user ranks beside it).
-Methods: the pretrained export (zero-shot), the finetuned model, and the baselines of `--baselines`
-(popularity, sasrec, gru4rec, graph, text-pop), each fitted on the train split, tuned/stopped on the
-validation split only. Wall times (pretraining and finetuning included for the text model) go into each
+Methods (`--methods`): the pretrained export (zero-shot), the finetuned model, the baselines (popularity,
+sasrec, gru4rec, graph, text-pop) and the item-vector model with its ablations (hybrid, hybrid-text,
+hybrid-id, hybrid-noalign, hybrid-nogate, hybrid-minilm), each fitted on the train split, tuned/stopped on
+the validation split only. Wall times (pretraining and finetuning included for the text model) go into each
 method's JSON. Folder: runs/quality/<dataset>/<variant>/ (`--out` to change).
 """
 
@@ -27,6 +28,16 @@ from pathlib import Path
 import torch
 
 METHODS = ("jepa4rec-zero-shot", "jepa4rec-finetuned", "popularity", "sasrec", "gru4rec", "graph", "text-pop")
+# The item-vector model (the recipe's `hybrid` section, text from this variant's JEPA4Rec export) and its
+# ablations: each is a set of overrides on top of the recipe.
+HYBRID = {
+    "hybrid": [],
+    "hybrid-text": ["--hybrid.mode=text", "--hybrid.align=[]"],  # without IDs
+    "hybrid-id": ["--hybrid.mode=id", "--hybrid.align=[]"],  # without text
+    "hybrid-noalign": ["--hybrid.align=[]"],
+    "hybrid-nogate": ["--hybrid.gating=none"],
+    "hybrid-minilm": ["--hybrid.text_from=minilm"],  # text from raw MiniLM instead of the JEPA4Rec export
+}
 log = logging.getLogger("quality")
 
 
@@ -47,6 +58,24 @@ def timed(timing_path: Path, key: str, fn):
     return out
 
 
+def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, ctx):
+    """Train (or resume) one item-vector model of this variant; its scorer, fit report and seconds."""
+    from jepa4rec_dist.eval.run import model_scorer
+    from jepa4rec_dist.hybrid.train import train_hybrid
+
+    out = folder / "hybrid" / method
+    overrides = [f"--hybrid.text_from={folder / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
+                 "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra, *HYBRID[method]]
+    cfg = variant_config(recipe, folder, new_items, overrides)
+    if not (out / "result.json").is_file():
+        log.info("train %s -> %s", method, out)
+        train_hybrid(cfg, progress=False)
+    result = json.loads((out / "result.json").read_text())
+    fit = {**result["fit"], "text_from": cfg.hybrid.text_from if cfg.hybrid.mode != "id" else None}
+    scorer = model_scorer(cfg, str(out / "best"), ctx.tok, ctx.table, progress=False, name=method)
+    return scorer, fit, result["fit"]["train_seconds"]
+
+
 def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str], extra: list[str]) -> None:
     from dataclasses import replace
 
@@ -64,7 +93,7 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
         log.info("prepare %s", folder / "data")
         timed(timing_path, "prepare_seconds", lambda: prepare(cfg, progress=False))
     export = folder / "pretrain" / "export"
-    wants_text = any(m.startswith("jepa4rec") for m in methods)
+    wants_text = any(m.startswith("jepa4rec") or (m.startswith("hybrid") and m != "hybrid-id") for m in methods)
     if wants_text and not (export / "config.json").is_file():
         log.info("pretrain -> %s", export)
         timed(timing_path, "pretrain_seconds", lambda: pretrain(cfg, progress=False))
@@ -82,7 +111,9 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
             continue
         log.info("evaluate %s", method)
         t0 = time.perf_counter()
-        if method.startswith("jepa4rec"):
+        if method in HYBRID:
+            scorer, fit, prior = fit_hybrid(recipe, folder, new_items, extra, method, ctx)
+        elif method.startswith("jepa4rec"):
             tuned = method == "jepa4rec-finetuned"
             scorer = model_scorer(cfg, str(best if tuned else export), ctx.tok, ctx.table, progress=False, name=method)
             fit = {"pretrain_seconds": timing.get("pretrain_seconds")}
@@ -117,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_config([args.recipe], extra).data.dataset
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS) - set(HYBRID))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown} (known: {', '.join(METHODS)})")
+        raise SystemExit(f"unknown methods {unknown} (known: {', '.join((*METHODS, *HYBRID))})")
     for variant in args.variants.split(","):
         if variant not in ("standard", "new-items"):
             raise SystemExit(f"unknown variant {variant!r} (standard, new-items)")

@@ -135,7 +135,7 @@ class IDSequenceScorer:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         order_rng = torch.Generator().manual_seed(cfg.seed)
         best, best_state, stale = -math.inf, None, 0
-        bar = tqdm(range(1, cfg.epochs + 1), desc=self.name, unit="epoch", disable=not progress, leave=False)
+        bar = tqdm(range(1, cfg.epochs + 1), desc=self.name, unit="epoch", disable=None if progress else True, leave=False)
         for epoch in bar:
             model.train()
             total, count = 0.0, 0

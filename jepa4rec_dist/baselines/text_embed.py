@@ -55,7 +55,7 @@ def encode_texts(texts: list[str], batch_size: int = 64, max_length: int = 128, 
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     out = []
     starts = range(0, len(texts), batch_size)
-    for lo in tqdm(starts, desc="embed item texts", unit="batch", disable=not progress, leave=False):
+    for lo in tqdm(starts, desc="embed item texts", unit="batch", disable=None if progress else True, leave=False):
         enc = tokenizer(texts[lo: lo + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         hidden = model(**enc).last_hidden_state  # (B, T, 384)

@@ -163,7 +163,7 @@ def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: 
                        progress: bool = True) -> list:
     tokens = []
     for lo in tqdm(range(0, len(catalogue), TOKENIZE_BATCH), desc="tokenize items", unit="batch", leave=False,
-                   disable=not progress):
+                   disable=None if progress else True):
         batch = [[(a, raw.items[i][1][a]) for a in raw.attributes if a in raw.items[i][1]] for i in catalogue[lo:lo + TOKENIZE_BATCH]]
         tokens.extend(item_tok.encode(batch))
     return tokens
@@ -208,7 +208,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
         old.unlink()  # a re-run with fewer shards must not leave stale ones beside the new manifest
     if ray_address is None:
         infos = [write_shard(root, split, index, chunk)
-                 for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=not progress)]
+                 for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=None if progress else True)]
     else:  # one Ray task per shard; write_shard is a pure function, so the bytes are the local run's
         import ray
 

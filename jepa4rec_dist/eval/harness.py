@@ -141,7 +141,7 @@ def evaluate(scorer: Scorer, batches: Iterable[dict], ks=(10, 50), chunk: int = 
     """Ranks of every batch under both protocols; `exclude_history` picks the primary one."""
     keys, targets, hist_len = [], [], []
     parts: list[BatchRanks] = []
-    for batch in tqdm(batches, desc=f"evaluate {scorer.name}", unit="batch", total=total, disable=not progress,
+    for batch in tqdm(batches, desc=f"evaluate {scorer.name}", unit="batch", total=total, disable=None if progress else True,
                       leave=False):
         parts.append(rank_batch_both(scorer, batch, chunk))
         keys += batch["keys"]

@@ -29,7 +29,7 @@ def encode_items(encoder: Encoder, table: ItemTable, tok: TokenizerInfo, seq_cfg
     seq = SequenceEncoder(table, tok, seq_cfg)
     order = np.arange(table.num_items) if indices is None else np.asarray(indices)
     out = []
-    for lo in tqdm(range(0, len(order), batch_size), desc="encode items", unit="batch", disable=not progress, leave=False):
+    for lo in tqdm(range(0, len(order), batch_size), desc="encode items", unit="batch", disable=None if progress else True, leave=False):
         encs = [seq.item(int(i)) for i in order[lo:lo + batch_size]]
         batch = to_device(pad_batch(encs, tok, seq_cfg, seq_cfg.max_items, prefix="next_"), torch.device(device))
         out.append(F.normalize(encoder.represent(batch, "next_").float(), dim=-1))

@@ -73,6 +73,7 @@ class HybridConfig:
     seed: int = 0
     loss_backend: str = "auto"  # infonce backend of the full softmax
     valid_users: int | None = None  # validate on the first N validation users (null: all)
+    test_at_end: bool = True  # false for tuning runs: the test split is not even read
     refresh_vectors: bool = False  # re-encode the item vectors even if a matching cache exists
     ray_actors: int = 0  # > 0: encode the item vectors on this many Ray actors (needs ray.init first)
     output_dir: str = "runs/hybrid"

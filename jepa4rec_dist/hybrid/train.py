@@ -188,7 +188,7 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(hc.seed * 100_003 + epoch))
     batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)]
     t0, rec_sum, n_targets, parts_sum = time.perf_counter(), 0.0, 0, {}
-    bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=not (progress and runtime.is_main), leave=False)
+    bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=None if (progress and runtime.is_main) else True, leave=False)
     for rows in bar:
         tg = targets[rows]
         n_global = int((tg != IGNORE).sum())
@@ -255,11 +255,18 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
 
     if state["best_epoch"] is None:
         raise ValueError(f"{out}: no epoch was validated (hybrid.epochs={cfg.hybrid.epochs})")
+    fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
+           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1)}
+    if not cfg.hybrid.test_at_end:
+        result = {"best": {"epoch": state["best_epoch"], "ndcg@10": state["best"]}, "fit": fit,
+                  "export": str(out / "best"), "history": state["history"], "primary_protocol": None}
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        log.info("hybrid (%s): best epoch %d, valid ndcg@10 %.4f (test not evaluated)", cfg.hybrid.mode,
+                 state["best_epoch"], state["best"])
+        return result
     t0 = time.perf_counter()
     scorer = hybrid_scorer(out / "best", ctx.table.num_items, name=f"hybrid-{cfg.hybrid.mode}")
     test = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "test", False, exclude_history=ctx.exclude_history)
-    fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
-           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1)}
     write_evaluation(out / "test.json", replace(cfg), ctx, [Evaluated(scorer.name, "test", test,
                                                                       time.perf_counter() - t0, fit)], "test")
     result = {"best": {"epoch": state["best_epoch"], "ndcg@10": state["best"]}, "test": test.metrics,

@@ -191,7 +191,7 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         model.train()
         t0, losses = time.perf_counter(), []
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"finetune s{stage} e{epoch}", unit="batch",
-                   disable=not (progress and main), leave=False)
+                   disable=None if (progress and main) else True, leave=False)
         for batch in bar:
             loss = engine(to_device(batch, device), train_view(item_table))
             engine.backward(loss)
@@ -225,7 +225,11 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         engine, model = make_engine(encoder, ft.stage2_epochs, ft.stage2_lr or ft.lr)
         run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False)
     result = None
-    if main:
+    if main and not ft.test_at_end:
+        result = {"best": best, "history": history}
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        metrics.write({"best": best})
+    elif main:
         from jepa4rec_dist.eval.context import EvalContext
         from jepa4rec_dist.eval.run import Evaluated, write_evaluation
 

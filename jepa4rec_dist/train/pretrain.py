@@ -111,7 +111,7 @@ class _Logger:
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"pretrain {cfg.pretrain.objective}",
-                        unit="step", disable=not (progress and self.main))
+                        unit="step", disable=None if (progress and self.main) else True)
 
     def step(self, row: dict | None) -> None:
         self.bar.update(1)
