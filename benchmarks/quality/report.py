@@ -43,7 +43,7 @@ LABELS = {"hybrid": "ID + text (item vectors)", "hybrid-text": "  ablation: with
           "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
           "graph": "graph heuristic", "popularity": "popularity"}
 CELLS = (("standard", "all"), ("standard", "cold"), ("standard", "tail"), ("standard", "head"),
-         ("new-items", "new-items"))
+         ("new-items", "new-items"), ("low-resource", "all"))
 TITLES = {EXCLUDED: "history excluded (the user's earlier items are not candidates)",
           INCLUDED: "history included (RecFormer's code; RecBole's full-sort evaluation of sequential models)"}
 
@@ -93,13 +93,15 @@ def summarise(runs: dict, samples: int) -> dict:
                                                        "primary_protocol": doc["primary_protocol"]}
                 data.setdefault("datasets", {})[variant] = {k: doc.get(k) for k in ("users", "items", "interactions",
                                                                                       "new_items", "buckets")}
+                if variant == "low-resource" and doc.get("low_resource_fraction"):
+                    data["low_resource_fraction"] = doc["low_resource_fraction"]
             for protocol in PROTOCOLS:
                 for variant, setting in CELLS:
                     if method in variants.get(variant, {}):
                         row["cells"][protocol][f"{variant}/{setting}"] = cell(variants[variant][method][1], protocol,
                                                                               setting, samples)
             data["methods"][method] = row
-        for variant, setting in (("standard", "all"), ("new-items", "new-items")):
+        for variant, setting in (("standard", "all"), ("new-items", "new-items"), ("low-resource", "all")):
             present = [m for m in methods if m in variants.get(variant, {})]
             for a, b in itertools.combinations(present, 2):
                 ra, rb = variants[variant][a][1], variants[variant][b][1]
@@ -110,6 +112,12 @@ def summarise(runs: dict, samples: int) -> dict:
                                           "method_a": a, "method_b": b})
         results[dataset] = data
     return results
+
+
+def low_share(data: dict) -> str:
+    """The low-resource variant's share of training users, from its runs' fit reports (e.g. "5%")."""
+    fraction = data.get("low_resource_fraction")
+    return f"{fraction:.0%}" if fraction else "low-resource"
 
 
 def fmt_cell(c: dict | None) -> str:
@@ -202,7 +210,7 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
             head = ["method", f"all ({users.get('standard/all', 0)})", "R@10", "MRR",
                     f"cold ({users.get('standard/cold', 0)})", f"tail ({users.get('standard/tail', 0)})",
                     f"head ({users.get('standard/head', 0)})", f"new items ({users.get('new-items/new-items', 0)})",
-                    "training", "wall s"]
+                    f"{low_share(data)} of users ({users.get('low-resource/all', 0)})", "training", "wall s"]
             lines += [f"### {dataset}: {TITLES[protocol]}", "", "| " + " | ".join(head) + " |",
                       "|" + "---|" * len(head)]
             for method, row in data["methods"].items():
@@ -213,7 +221,7 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
                     f"{allc['recall@10']:.4f}" if allc.get("users") else "-",
                     f"{allc['mrr']:.4f}" if allc.get("users") else "-",
                     *(fmt_cell(c.get(k)) for k in ("standard/cold", "standard/tail", "standard/head",
-                                                    "new-items/new-items")),
+                                                    "new-items/new-items", "low-resource/all")),
                     fit_text(row), f"{row['seconds'].get('standard', float('nan')):.0f}"]) + " |")
             lines.append("")
         primary = next(iter(data["runs"].values()))["primary_protocol"]
@@ -225,7 +233,7 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
             if p["protocol"] != primary:
                 continue
             verdict = ("**A beats B**" if p["low"] > 0 else "**B beats A**" if p["high"] < 0 else "no significant difference")
-            where = "all" if p["variant"] == "standard" else "new items"
+            where = {"standard": "all", "new-items": "new items", "low-resource": f"{low_share(data)} of users"}[p["variant"]]
             a, b = p["method_a"], p["method_b"]
             lines.append(f"| {where} ({p['users']}) | {LABELS.get(a, a)} | {LABELS.get(b, b)} | "
                          f"{p['diff']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_value']:.4f} | {verdict} |")

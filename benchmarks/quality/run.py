@@ -5,7 +5,8 @@
     python benchmarks/quality/report.py          # then: the report from every run under runs/quality/
 
 For each variant (`standard`; `new-items`: the same data with `--new-items-fraction` of the catalogue
-held out of training) it runs, each step skipped when its output exists (so a stopped run resumes):
+held out of training; `low-resource`: the standard data, every method trained on a seeded
+`--low-resource-fraction` of the users, text from raw MiniLM) it runs, each step skipped when its output exists (so a stopped run resumes):
   prepare -> JEPA4Rec pretraining (train split only) -> two-stage finetuning -> evaluation of every
   method on the test split (`eval/<method>.json` + per-user ranks beside it).
 Methods (`--methods`): the pretrained export (zero-shot), the finetuned model, the baselines (popularity,
@@ -64,7 +65,7 @@ def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], me
     from jepa4rec_dist.hybrid.train import train_hybrid
 
     out = folder / "hybrid" / method
-    overrides = [f"--hybrid.text_from={folder / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
+    overrides = [f"--hybrid.text_from={Path(folder) / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
                  "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra, *HYBRID[method]]
     cfg = variant_config(recipe, folder, new_items, overrides)
     if not (out / "result.json").is_file():
@@ -89,11 +90,13 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
     cfg = variant_config(recipe, folder, new_items, extra)
     folder.mkdir(parents=True, exist_ok=True)
     timing_path = folder / "timing.json"
-    if not (folder / "data" / "manifest.json").is_file():
-        log.info("prepare %s", folder / "data")
+    if not (Path(cfg.data.out_dir) / "manifest.json").is_file():
+        log.info("prepare %s", cfg.data.out_dir)
         timed(timing_path, "prepare_seconds", lambda: prepare(cfg, progress=False))
     export = folder / "pretrain" / "export"
-    wants_text = any(m.startswith("jepa4rec") or (m.startswith("hybrid") and m != "hybrid-id") for m in methods)
+    own_text = "--hybrid.text_from=minilm" not in extra  # else the hybrid rows read raw MiniLM vectors
+    wants_text = any(m.startswith("jepa4rec") or (own_text and m in HYBRID and m not in ("hybrid-id", "hybrid-minilm"))
+                     for m in methods)
     if wants_text and not (export / "config.json").is_file():
         log.info("pretrain -> %s", export)
         timed(timing_path, "pretrain_seconds", lambda: pretrain(cfg, progress=False))
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="standard,new-items")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--new-items-fraction", type=float, default=0.2)
+    parser.add_argument("--low-resource-fraction", type=float, default=0.05, help="share of users, low-resource variant")
     parser.add_argument("--out", default="runs/quality", help="root of the run folders")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args, extra = parser.parse_known_args(argv)
@@ -152,11 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown} (known: {', '.join((*METHODS, *HYBRID))})")
     for variant in args.variants.split(","):
-        if variant not in ("standard", "new-items"):
-            raise SystemExit(f"unknown variant {variant!r} (standard, new-items)")
+        if variant not in ("standard", "new-items", "low-resource"):
+            raise SystemExit(f"unknown variant {variant!r} (standard, new-items, low-resource)")
         folder = Path(args.out) / dataset / variant
         t0 = time.perf_counter()
-        run_variant(args.recipe, folder, args.new_items_fraction if variant == "new-items" else 0.0, methods, extra)
+        if variant == "low-resource":
+            # the standard data, training on a seeded share of its users; no model may have seen the other
+            # users, so the text side is raw MiniLM and the token-level JEPA4Rec rows (pretrained on all of
+            # this dataset's training users) are left out
+            low = [f"--data.out_dir={Path(args.out) / dataset / 'standard' / 'data'}",
+                   f"--finetune.low_resource_fraction={args.low_resource_fraction}", *extra]
+            chosen = [m for m in methods if not m.startswith("jepa4rec")]
+            run_variant(args.recipe, folder, 0.0, chosen, [*low, "--hybrid.text_from=minilm"])
+        else:
+            run_variant(args.recipe, folder, args.new_items_fraction if variant == "new-items" else 0.0, methods, extra)
         log.info("%s %s done in %.0f s", dataset, variant, time.perf_counter() - t0)
     return 0
 

@@ -73,12 +73,19 @@ BASELINES = ("popularity", "sasrec", "gru4rec", "graph", "text-pop")
 def build_baseline(name: str, cfg, progress: bool = True, ctx=None):
     """A fitted baseline scorer by name, trained on the dataset at `cfg.data.out_dir` (the `Config`).
     `ctx` (an `EvalContext`, built when not given) supplies the primary protocol for early stopping and
-    the held-out new items, which no baseline may train on."""
+    the held-out new items, which no baseline may train on. With `finetune.low_resource_fraction` the
+    baseline trains on that seeded share of the training users (the view finetuning uses)."""
     from jepa4rec_dist.data.shards import iter_records
     from jepa4rec_dist.eval.context import EvalContext
 
     ctx = ctx or EvalContext.build(cfg)
     root, num_items = ctx.root, ctx.table.num_items
+    train_root = root  # low-resource: every baseline trains on the same seeded share of users as the models
+    fraction = cfg.finetune.low_resource_fraction
+    if fraction is not None and fraction < 1:
+        from jepa4rec_dist.data.prepare import low_resource_dataset
+
+        train_root = low_resource_dataset(root, fraction, cfg.finetune.seed)
     trainable = None
     if ctx.new_items is not None:
         import numpy as np
@@ -88,7 +95,7 @@ def build_baseline(name: str, cfg, progress: bool = True, ctx=None):
     if name == "popularity":
         from jepa4rec_dist.baselines.popularity import PopularityScorer
 
-        return PopularityScorer(num_items).fit(iter_records(root, "train"))
+        return PopularityScorer(num_items).fit(iter_records(train_root, "train"))
     if name in ("sasrec", "gru4rec"):
         if name == "sasrec":
             from jepa4rec_dist.baselines.sasrec import SASRecScorer as Model
@@ -96,7 +103,7 @@ def build_baseline(name: str, cfg, progress: bool = True, ctx=None):
             from jepa4rec_dist.baselines.gru4rec import GRU4RecScorer as Model
         valid = next_item_loader(root, "valid", cfg.eval.batch_size, 0)  # early stopping on valid NDCG@10
         return Model(num_items, getattr(cfg.baselines, name)).fit(
-            iter_records(root, "train"), valid, progress, exclude_history=ctx.exclude_history, trainable=trainable)
+            iter_records(train_root, "train"), valid, progress, exclude_history=ctx.exclude_history, trainable=trainable)
     if name in ("graph", "text-pop"):
         from jepa4rec_dist.baselines.text_embed import item_text_embeddings
 
@@ -104,12 +111,12 @@ def build_baseline(name: str, cfg, progress: bool = True, ctx=None):
         if name == "graph":
             from jepa4rec_dist.baselines.graph import GraphScorer
 
-            return GraphScorer(num_items, emb, cfg.baselines.graph).fit(iter_records(root, "train"))
+            return GraphScorer(num_items, emb, cfg.baselines.graph).fit(iter_records(train_root, "train"))
         from jepa4rec_dist.baselines.text_pop import TextPopScorer
 
         valid = next_item_loader(root, "valid", cfg.eval.batch_size, 0)
         return TextPopScorer(num_items, emb, cfg.baselines.text_pop).fit(
-            iter_records(root, "train"), valid, exclude_history=ctx.exclude_history)
+            iter_records(train_root, "train"), valid, exclude_history=ctx.exclude_history)
     raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
 
 

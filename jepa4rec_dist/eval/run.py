@@ -142,7 +142,8 @@ def write_evaluation(out_json: str | Path, cfg: Config, ctx: EvalContext, evalua
     out_json.parent.mkdir(parents=True, exist_ok=True)
     version = code_version()
     common = {"split": split, **ctx.dataset_info(), "primary_protocol": protocol_name(ctx.exclude_history),
-              "ks": list(cfg.eval.ks), "buckets": ctx.buckets.edges(), **version}
+              "ks": list(cfg.eval.ks), "buckets": ctx.buckets.edges(),
+              "low_resource_fraction": cfg.finetune.low_resource_fraction, **version}
     methods, rows, used = [], [], set()
     for ev in evaluated:
         entry = {"method": ev.name, "seconds": round(ev.seconds, 1), "fit": ev.fit}
