@@ -23,11 +23,15 @@ def test_runner_then_report(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
     runs = tmp_path / "runs"
     cmd = [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
-           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--new-items-fraction", "0.25"]
+           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--new-items-fraction", "0.25",
+           "--variants", "standard,new-items,low-resource", "--low-resource-fraction", "0.5"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for variant in ("standard", "new-items"):
+    for variant in ("standard", "new-items", "low-resource"):
         assert (runs / "generic" / variant / "eval" / "sasrec.json").is_file()
+    low = json.loads((runs / "generic/low-resource/eval/sasrec.json").read_text())
+    assert low["low_resource_fraction"] == 0.5 and low["methods"][0]["fit"]["windows_per_epoch"] < \
+        json.loads((runs / "generic/standard/eval/sasrec.json").read_text())["methods"][0]["fit"]["windows_per_epoch"]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # resumes: nothing to do
     assert "sasrec: done" in again.stderr
 
@@ -54,7 +58,8 @@ def test_runner_then_report(tmp_path):
     assert new["mrr"] == per_user(pop.ranks("history-included")[is_new], "mrr").mean()
     pairs = [p for p in results["pairs"] if p["method_a"] == "sasrec" and p["method_b"] == "popularity"]
     assert {(p["variant"], p["protocol"]) for p in pairs} == {
-        (v, pr) for v in ("standard", "new-items") for pr in ("history-excluded", "history-included")}
+        (v, pr) for v in ("standard", "new-items", "low-resource") for pr in ("history-excluded", "history-included")}
+    assert "50% of users" in report
     std = next(p for p in pairs if p["variant"] == "standard" and p["protocol"] == "history-excluded")
     assert np.isclose(std["diff"], cell["ndcg@10"] - results["methods"]["popularity"]["cells"]["history-excluded"]
                       ["standard/all"]["ndcg@10"])

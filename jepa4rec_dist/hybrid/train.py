@@ -154,6 +154,8 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         set_rng_state(client["rng"])
         if main:
             log.info("resumed from %s (epoch %d, best %s)", ckpts.folder / tag, state["epoch"], state["best_epoch"])
+            kept = [r for r in metrics.read() if r.get("epoch", 0) <= state["epoch"]]  # a killed epoch's row goes
+            metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     identity = {"text": text_identity, "dataset": ctx.dataset_info(), "primary_protocol": ctx.exclude_history}
 
     while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience):
