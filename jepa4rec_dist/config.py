@@ -298,6 +298,8 @@ class FinetuneConfig:
     # Evaluate the best model on the test split at the end (test.json + ranks). false when a later
     # `jepa4rec evaluate` of the export does it anyway (make demo), or for tuning runs.
     test_at_end: bool = True
+    # Start again at stage 2 when an earlier run in output_dir finished stage 1 with the same settings.
+    resume: bool = True
     seed: int = 0
 
     def validate(self, prefix: str) -> None:

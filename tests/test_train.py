@@ -95,3 +95,46 @@ def test_embed_and_recommend_cli(uneven_dataset, tmp_path, capsys):
     assert main(["recommend", "--config", str(TINY[0]), "--data", str(root), "--model", pre["export"],
                  "--history", "no such film"]) == 2
     assert "neither an item id nor a title" in capsys.readouterr().err
+
+
+def test_finetune_resumes_at_stage_2_after_a_finished_stage_1(uneven_dataset, tmp_path):
+    root, _ = uneven_dataset
+    pre = pretrain(pretrain_cfg(root, tmp_path / "pre", "--train.max_steps=2"), progress=False)
+
+    def cfg(out, *extra):
+        return load_config(TINY, [f"--data.out_dir={root}", f"--finetune.output_dir={out}",
+                                  f"--finetune.init_from={pre['export']}", "--finetune.stage1_epochs=2",
+                                  "--finetune.lr=1e-3", "--loader.num_workers=0", "--finetune.test_at_end=false",
+                                  "--finetune.patience=5", *extra])
+
+    def rows(out):
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    # stage 1 only, then the same run with a stage 2: stage 1 is not trained again
+    first = finetune(cfg(tmp_path / "ft", "--finetune.stage2_epochs=0"), progress=False)
+    assert (tmp_path / "ft" / "stage1.json").is_file() and first["best"]["stage"] == 1
+    n = len(rows(tmp_path / "ft"))
+    again = finetune(cfg(tmp_path / "ft", "--finetune.stage2_epochs=1"), progress=False)
+    new = rows(tmp_path / "ft")[n:]
+    assert {r.get("stage") for r in new if "epoch" in r} == {2}  # no stage-1 epoch ran again
+    assert [(h["stage"], h["epoch"]) for h in again["history"]] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert again["history"][:3] == first["history"]
+
+    # a run from before stage1.json existed: the metrics log of a run killed in stage 2 tells the same
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "ft", legacy)
+    (legacy / "stage1.json").unlink()
+    (legacy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(tmp_path / "ft")[:n - 1]))
+    if again["best"]["stage"] == 2:  # the stage-2 model won: put stage 1's best back, as a killed run has it
+        shutil.rmtree(legacy / "best")
+        finetune(cfg(tmp_path / "s1", "--finetune.stage2_epochs=0"), progress=False)
+        shutil.copytree(tmp_path / "s1" / "best", legacy / "best")
+    resumed = finetune(cfg(legacy, "--finetune.stage2_epochs=1"), progress=False)
+    assert [(h["stage"], h["epoch"]) for h in resumed["history"]] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert resumed["history"][:3] == first["history"]
+
+    # anything stage 1 depends on changed (its learning rate): start over; resume=false: start over
+    for extra in (["--finetune.lr=2e-3"], ["--finetune.resume=false"]):
+        n = len(rows(tmp_path / "ft"))
+        finetune(cfg(tmp_path / "ft", "--finetune.stage2_epochs=0", *extra), progress=False)
+        assert [(r["stage"], r["epoch"]) for r in rows(tmp_path / "ft")[n:] if "valid_ndcg@10" in r] == [(1, 0), (1, 1), (1, 2)]

@@ -9,10 +9,14 @@ previous epoch's model: one encode per epoch), then train the sequence side agai
 Stage 2: reload the best stage-1 model with its table, keep the table frozen, keep training.
 Selection: validation NDCG@10 with patience; the best model is exported with its item table. The test
 split is evaluated once, with the best model.
+Resume: stage 2 starts from the best stage-1 export, so a run stopped after stage 1 finished (`stage1.json`
+in the output folder, or, for older runs, its metrics.jsonl) starts again at stage 2 when nothing that
+stage 1 depends on changed (`finetune.resume: false` starts over). A stage stopped mid-way restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -104,9 +108,13 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     runtime = runtime or Runtime()
     ft, main = cfg.finetune, runtime.is_main
     out = Path(ft.output_dir)
+    resumed = stage1_state(cfg) if ft.resume else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if resumed is None:
+            (out / "stage1.json").unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
+    runtime.barrier()  # every rank has read the earlier run's state
     seed_everything(ft.seed)
     root = Path(cfg.data.out_dir)
     tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
@@ -142,6 +150,10 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     metrics = MetricsLog(out / "metrics.jsonl") if main else None
     best = {"ndcg@10": -1.0, "stage": None, "epoch": None}
     history: list[dict] = []
+    if resumed is not None:
+        best, history = resumed["best"], resumed["history"]
+        log.info("stage 1 finished in an earlier run (best: epoch %s, valid NDCG@10 %.4f): resuming at stage 2",
+                 best["epoch"], best["ndcg@10"])
 
     def make_engine(enc, epochs, lr):
         model = FinetuneModel(enc, ft.temperature, ft.loss_backend, remap).to(device)
@@ -215,10 +227,14 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
                 break
 
     # stage 1: re-encode each epoch; epoch 0's validation is the zero-shot model
-    engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs, ft.lr)
-    item_table = encode(model)
-    validate(engine, model, item_table, 1, 0)
-    run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True)
+    if resumed is None:
+        engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs, ft.lr)
+        item_table = encode(model)
+        validate(engine, model, item_table, 1, 0)
+        run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True)
+        if main:
+            (out / "stage1.json").write_text(json.dumps({"best": best, "history": history,
+                                                         "depends_on": stage1_inputs(cfg)}, indent=1))
     # stage 2: the best model so far, with its table frozen
     if ft.stage2_epochs:
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
@@ -244,6 +260,59 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         metrics.write({"test": test.metrics, "best": best})
     runtime.barrier()
     return broadcast_value(result)
+
+
+def stage1_inputs(cfg: Config) -> dict:
+    """What stage 1's result depends on (stage-2 settings, output paths and test options are left out)."""
+    ft = dataclasses.asdict(cfg.finetune)
+    keys = ("model", "init_from", "stage1_epochs", "patience", "lr", "batch_size", "temperature",
+            "low_resource_fraction", "max_steps_per_epoch", "valid_users", "pairs_per_user", "seed")
+    return json.loads(json.dumps({"data": dataclasses.asdict(cfg.data), "tokenizer": dataclasses.asdict(cfg.tokenizer),
+                                  "sequence": dataclasses.asdict(cfg.sequence), "model": dataclasses.asdict(cfg.model),
+                                  "finetune": {k: ft[k] for k in keys},
+                                  "eval": {"ks": cfg.eval.ks, "exclude_history": cfg.eval.exclude_history}}))
+
+
+def stage1_state(cfg: Config) -> dict | None:
+    """The finished stage 1 of an earlier run in `finetune.output_dir` ({best, history}), or None (start over).
+
+    Read from `stage1.json`; a run from before that file existed counts when its metrics.jsonl shows every
+    stage-1 epoch validated (or a patience stop), the best export is stage 1's best, and its saved config
+    agrees on everything stage 1 depends on."""
+    from jepa4rec_dist.config import load_config
+
+    out = Path(cfg.finetune.output_dir)
+    want = stage1_inputs(cfg)
+    if not (out / "best" / "config.json").is_file():
+        return None
+    marker = out / "stage1.json"
+    if marker.is_file():
+        state = json.loads(marker.read_text())
+        if state.get("depends_on") != want:
+            log.info("%s: stage 1 ran with other settings: starting over", marker)
+            return None
+        return {"best": state["best"], "history": state["history"]}
+    metrics, saved = out / "metrics.jsonl", out / "config.yaml"
+    if not (metrics.is_file() and saved.is_file()) or stage1_inputs(load_config(saved)) != want:
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if any(r.get("stage") == 2 or "test" in r or "best" in r and "stage" not in r for r in rows):
+        return None  # a later stage or a whole run is in there: not one interrupted run
+    valid = [r for r in rows if r.get("stage") == 1 and "valid_ndcg@10" in r]
+    if not valid:
+        return None
+    scores = [r["valid_ndcg@10"] for r in valid]
+    top = int(np.argmax(scores))
+    last_epoch = valid[-1]["epoch"]
+    stopped = len(valid) - 1 - top >= cfg.finetune.patience
+    if last_epoch < cfg.finetune.stage1_epochs and not stopped:
+        return None
+    extra = json.loads((out / "best" / "config.json").read_text())
+    if extra.get("stage") != 1 or extra.get("epoch") != valid[top]["epoch"]:
+        return None
+    best = {"ndcg@10": scores[top], "stage": 1, "epoch": valid[top]["epoch"]}
+    history = [{k: v for k, v in r.items() if k != "time"} for r in valid]
+    return {"best": best, "history": history}
 
 
 def _load_best(folder: Path, cfg: Config, tok, device):
