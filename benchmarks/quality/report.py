@@ -107,7 +107,12 @@ def summarise(runs: dict, samples: int) -> dict:
                 ra, rb = variants[variant][a][1], variants[variant][b][1]
                 mask = ra.mask(setting)
                 for protocol in PROTOCOLS:
-                    d = paired_difference(ra.ranks(protocol)[mask], rb.ranks(protocol)[mask], "ndcg@10", samples)
+                    xa, xb = ra.ranks(protocol)[mask], rb.ranks(protocol)[mask]
+                    if (xa >= 10).all() and (xb >= 10).all():  # NDCG@10 0 for every user on both sides
+                        data.setdefault("zero_pairs", []).append({"variant": variant, "protocol": protocol,
+                                                                  "method_a": a, "method_b": b})
+                        continue
+                    d = paired_difference(xa, xb, "ndcg@10", samples)
                     data["pairs"].append({"variant": variant, "setting": setting, "protocol": protocol, **d.to_dict(),
                                           "method_a": a, "method_b": b})
         results[dataset] = data
@@ -205,12 +210,16 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
                          "test users whose target is a new item.")
         lines.append("")
         for protocol in PROTOCOLS:
-            first = next(iter(data["methods"].values()))["cells"][protocol]
-            users = {k: v.get("users", 0) for k, v in first.items()}
-            head = ["method", f"all ({users.get('standard/all', 0)})", "R@10", "MRR",
-                    f"cold ({users.get('standard/cold', 0)})", f"tail ({users.get('standard/tail', 0)})",
-                    f"head ({users.get('standard/head', 0)})", f"new items ({users.get('new-items/new-items', 0)})",
-                    f"{low_share(data)} of users ({users.get('low-resource/all', 0)})", "training", "wall s"]
+            extra = [k for k, title in (("new-items/new-items", "new items"),
+                                        ("low-resource/all", f"{low_share(data)} of users"))
+                     if any(k in row["cells"][protocol] for row in data["methods"].values())]
+            titles = {"new-items/new-items": "new items", "low-resource/all": f"{low_share(data)} of users"}
+            users = {k: max(row["cells"][protocol].get(k, {}).get("users", 0) for row in data["methods"].values())
+                     for k in ("standard/all", "standard/cold", "standard/tail", "standard/head", *extra)}
+            head = ["method", f"all ({users['standard/all']})", "R@10", "MRR",
+                    f"cold ({users['standard/cold']})", f"tail ({users['standard/tail']})",
+                    f"head ({users['standard/head']})", *(f"{titles[k]} ({users[k]})" for k in extra),
+                    "training", "wall s"]
             lines += [f"### {dataset}: {TITLES[protocol]}", "", "| " + " | ".join(head) + " |",
                       "|" + "---|" * len(head)]
             for method, row in data["methods"].items():
@@ -220,8 +229,7 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
                     LABELS.get(method, method), fmt_cell(allc),
                     f"{allc['recall@10']:.4f}" if allc.get("users") else "-",
                     f"{allc['mrr']:.4f}" if allc.get("users") else "-",
-                    *(fmt_cell(c.get(k)) for k in ("standard/cold", "standard/tail", "standard/head",
-                                                    "new-items/new-items", "low-resource/all")),
+                    *(fmt_cell(c.get(k)) for k in ("standard/cold", "standard/tail", "standard/head", *extra)),
                     fit_text(row), f"{row['seconds'].get('standard', float('nan')):.0f}"]) + " |")
             lines.append("")
         primary = next(iter(data["runs"].values()))["primary_protocol"]
@@ -237,6 +245,18 @@ def markdown(results: dict, samples: int, version: dict, recbole: Path | None = 
             a, b = p["method_a"], p["method_b"]
             lines.append(f"| {where} ({p['users']}) | {LABELS.get(a, a)} | {LABELS.get(b, b)} | "
                          f"{p['diff']:+.4f} | [{p['low']:+.4f}, {p['high']:+.4f}] | {p['p_value']:.4f} | {verdict} |")
+        zero = [p for p in data.get("zero_pairs", []) if p["protocol"] == primary]
+        if zero:
+            where = {"standard": "all", "new-items": "new items", "low-resource": f"{low_share(data)} of users"}
+            lines += ["", "Left out (both score NDCG@10 = 0 for every user, a difference of exactly 0): " + "; ".join(
+                f"{LABELS.get(p['method_a'], p['method_a'])} vs {LABELS.get(p['method_b'], p['method_b'])} "
+                f"({where[p['variant']]})" for p in zero) + "."]
+        for variant, title in (("new-items", "new-items split"), ("low-resource", "low-resource variant")):
+            ran = [m for m in data["methods"] if variant in data["methods"][m]["seconds"]]
+            if ran:
+                missing = [LABELS.get(m, m) for m in data["methods"] if m not in ran]
+                if missing:
+                    lines += ["", f"Not run on the {title}: {', '.join(missing)} (benchmarks/EXPERIMENTS.md says why)."]
         lines += ["", f"![{dataset}](quality-{dataset}.png)", ""]
     lines += recbole_section(results, recbole)
     return "\n".join(lines)
