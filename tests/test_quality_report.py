@@ -64,3 +64,31 @@ def test_runner_then_report(tmp_path):
     assert np.isclose(std["diff"], cell["ndcg@10"] - results["methods"]["popularity"]["cells"]["history-excluded"]
                       ["standard/all"]["ndcg@10"])
     assert results["runs"]["standard/sasrec"]["rank_file_sha256"]
+
+
+def test_two_runners_share_a_variant_through_lock_files(tmp_path):
+    prepared = write_successor_dataset(tmp_path / "succ")
+    recipe = yaml.safe_load((prepared / "config.yaml").read_text())
+    recipe["baselines"]["sasrec"].update({"epochs": 2, "hidden": 16, "max_len": 8})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
+           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--variants", "standard"]
+    locks = runs / "generic" / "standard" / "locks"
+    locks.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # "another runner"
+    try:
+        (locks / "sasrec.lock").write_text(str(other.pid))
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "sasrec: claimed by another runner: skipped" in done.stderr
+        assert (runs / "generic/standard/eval/popularity.json").is_file()
+        assert not (runs / "generic/standard/eval/sasrec.json").exists()
+        assert not (locks / "popularity.lock").exists()  # released when done
+    finally:
+        other.kill()
+        other.wait()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # its owner died
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is gone: taking it over" in done.stderr and "popularity: done" in done.stderr
+    assert (runs / "generic/standard/eval/sasrec.json").is_file() and not (locks / "sasrec.lock").exists()

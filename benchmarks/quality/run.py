@@ -14,6 +14,11 @@ sasrec, gru4rec, graph, text-pop) and the item-vector model with its ablations (
 hybrid-id, hybrid-noalign, hybrid-nogate, hybrid-minilm), each fitted on the train split, tuned/stopped on
 the validation split only. Wall times (pretraining and finetuning included for the text model) go into each
 method's JSON. Folder: runs/quality/<dataset>/<variant>/ (`--out` to change).
+
+Two runners on the same recipe share the work on a machine with cores to spare: each step is claimed with a
+lock file (`<variant>/locks/<step>.lock`, holding the process id) and skipped by the other runner while
+its owner lives; a lock whose process has died is taken over. A runner that finds the pretraining or the
+finetuning claimed leaves the methods that need them to their owner.
 """
 
 from __future__ import annotations
@@ -48,6 +53,50 @@ def variant_config(recipe: str, folder: Path, new_items: float, extra: list[str]
     overrides = [f"--data.out_dir={folder / 'data'}", f"--train.output_dir={folder / 'pretrain'}",
                  f"--finetune.output_dir={folder / 'finetune'}", f"--data.new_items.fraction={new_items}", *extra]
     return load_config([recipe], overrides)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(folder: Path, step: str) -> bool:
+    """Take `step`'s lock for this process (True), or False while another live process holds it."""
+    path = folder / "locks" / f"{step}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            if pid and _alive(pid):
+                return False
+            log.info("%s: the process that held it (%s) is gone: taking it over", path, pid or "?")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(folder: Path, step: str) -> None:
+    path = folder / "locks" / f"{step}.lock"
+    try:
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def timed(timing_path: Path, key: str, fn):
@@ -98,20 +147,33 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
     wants_text = any(m.startswith("jepa4rec") or (own_text and m in HYBRID and m not in ("hybrid-id", "hybrid-minilm"))
                      for m in methods)
     if wants_text and not (export / "config.json").is_file():
-        log.info("pretrain -> %s", export)
-        timed(timing_path, "pretrain_seconds", lambda: pretrain(cfg, progress=False))
+        if claim(folder, "pretrain"):
+            log.info("pretrain -> %s", export)
+            timed(timing_path, "pretrain_seconds", lambda: pretrain(cfg, progress=False))
+            release(folder, "pretrain")
+        else:
+            log.info("pretraining is claimed by another runner: its methods are left to it")
+            methods = [m for m in methods if not (m.startswith("jepa4rec") or m in HYBRID)]
     best = folder / "finetune" / "best"
     if "jepa4rec-finetuned" in methods and not (folder / "finetune" / "result.json").is_file():
-        log.info("finetune -> %s", best)
-        ft_cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(export)))
-        timed(timing_path, "finetune_seconds", lambda: finetune(ft_cfg, progress=False))
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+        if claim(folder, "finetune"):
+            log.info("finetune -> %s", best)
+            ft_cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(export)))
+            timed(timing_path, "finetune_seconds", lambda: finetune(ft_cfg, progress=False))
+            release(folder, "finetune")
+        else:
+            log.info("finetuning is claimed by another runner: jepa4rec-finetuned is left to it")
+            methods = [m for m in methods if m != "jepa4rec-finetuned"]
     ctx = EvalContext.build(cfg)
     for method in methods:
         out = folder / "eval" / f"{method}.json"
         if out.is_file():
             log.info("%s: done (%s)", method, out)
             continue
+        if not claim(folder, method):
+            log.info("%s: claimed by another runner: skipped", method)
+            continue
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
         log.info("evaluate %s", method)
         t0 = time.perf_counter()
         if method in HYBRID:
@@ -132,6 +194,7 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
         doc = write_evaluation(out, cfg, ctx, [ev], "test")
         log.info("%s\n%s", method, format_tables([r for r in doc["rows"] if r["setting"] in ("all", "new-items")],
                                                 tuple(cfg.eval.ks), doc["primary_protocol"]))
+        release(folder, method)
 
 
 def main(argv: list[str] | None = None) -> int:
