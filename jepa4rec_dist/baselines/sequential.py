@@ -161,6 +161,9 @@ class IDSequenceScorer:
                     stale += 1
             self.history.append(record)
             bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+            if bar.disable:  # no bar (a log file, a non-TTY): one line an epoch instead
+                log.info("%s epoch %d: %s", self.name, epoch,
+                         ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
             if validate is not None and cfg.patience and stale >= cfg.patience:
                 break
         if best_state is not None:
