@@ -133,6 +133,12 @@ def test_finetune_resumes_at_stage_2_after_a_finished_stage_1(uneven_dataset, tm
     assert [(h["stage"], h["epoch"]) for h in resumed["history"]] == [(1, 0), (1, 1), (1, 2), (2, 1)]
     assert resumed["history"][:3] == first["history"]
 
+    # a finished run whose stage 2 replaced the best export: the same command again starts over
+    if again["best"]["stage"] == 2:
+        n = len(rows(tmp_path / "ft"))
+        finetune(cfg(tmp_path / "ft", "--finetune.stage2_epochs=0"), progress=False)
+        assert [(r["stage"], r["epoch"]) for r in rows(tmp_path / "ft")[n:] if "valid_ndcg@10" in r][0] == (1, 0)
+
     # anything stage 1 depends on changed (its learning rate): start over; resume=false: start over
     for extra in (["--finetune.lr=2e-3"], ["--finetune.resume=false"]):
         n = len(rows(tmp_path / "ft"))

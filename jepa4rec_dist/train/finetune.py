@@ -285,11 +285,15 @@ def stage1_state(cfg: Config) -> dict | None:
     want = stage1_inputs(cfg)
     if not (out / "best" / "config.json").is_file():
         return None
+    exported = json.loads((out / "best" / "config.json").read_text())
     marker = out / "stage1.json"
     if marker.is_file():
         state = json.loads(marker.read_text())
         if state.get("depends_on") != want:
             log.info("%s: stage 1 ran with other settings: starting over", marker)
+            return None
+        if (exported.get("stage"), exported.get("epoch")) != (1, state["best"]["epoch"]):
+            log.info("%s: the best export is no longer stage 1's (stage 2 ran): starting over", out / "best")
             return None
         return {"best": state["best"], "history": state["history"]}
     metrics, saved = out / "metrics.jsonl", out / "config.yaml"
@@ -307,8 +311,7 @@ def stage1_state(cfg: Config) -> dict | None:
     stopped = len(valid) - 1 - top >= cfg.finetune.patience
     if last_epoch < cfg.finetune.stage1_epochs and not stopped:
         return None
-    extra = json.loads((out / "best" / "config.json").read_text())
-    if extra.get("stage") != 1 or extra.get("epoch") != valid[top]["epoch"]:
+    if exported.get("stage") != 1 or exported.get("epoch") != valid[top]["epoch"]:
         return None
     best = {"ndcg@10": scores[top], "stage": 1, "epoch": valid[top]["epoch"]}
     history = [{k: v for k, v in r.items() if k != "time"} for r in valid]
