@@ -158,7 +158,8 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
     if "jepa4rec-finetuned" in methods and not (folder / "finetune" / "result.json").is_file():
         if claim(folder, "finetune"):
             log.info("finetune -> %s", best)
-            ft_cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(export)))
+            # the test split is scored below, as for every method: not inside finetuning too
+            ft_cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=str(export), test_at_end=False))
             timed(timing_path, "finetune_seconds", lambda: finetune(ft_cfg, progress=False))
             release(folder, "finetune")
         else:
