@@ -16,15 +16,20 @@ from tests.test_baselines import write_successor_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_runner_then_report(tmp_path):
+def runner_command(tmp_path: Path, sasrec_epochs: int, *args: str) -> tuple[list[str], Path]:
+    """A recipe on the small successor dataset (popularity and a tiny SASRec) and the runner's command."""
     prepared = write_successor_dataset(tmp_path / "succ")
     recipe = yaml.safe_load((prepared / "config.yaml").read_text())
-    recipe["baselines"]["sasrec"].update({"epochs": 3, "hidden": 16, "max_len": 8})
+    recipe["baselines"]["sasrec"].update({"epochs": sasrec_epochs, "hidden": 16, "max_len": 8})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
     runs = tmp_path / "runs"
-    cmd = [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
-           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--new-items-fraction", "0.25",
-           "--variants", "standard,new-items,low-resource", "--low-resource-fraction", "0.5"]
+    return [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
+            "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", *args], runs
+
+
+def test_runner_then_report(tmp_path):
+    cmd, runs = runner_command(tmp_path, 3, "--new-items-fraction", "0.25",
+                               "--variants", "standard,new-items,low-resource", "--low-resource-fraction", "0.5")
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for variant in ("standard", "new-items", "low-resource"):
@@ -67,13 +72,7 @@ def test_runner_then_report(tmp_path):
 
 
 def test_two_runners_share_a_variant_through_lock_files(tmp_path):
-    prepared = write_successor_dataset(tmp_path / "succ")
-    recipe = yaml.safe_load((prepared / "config.yaml").read_text())
-    recipe["baselines"]["sasrec"].update({"epochs": 2, "hidden": 16, "max_len": 8})
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
-           "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", "--variants", "standard"]
+    cmd, runs = runner_command(tmp_path, 2, "--variants", "standard")
     locks = runs / "generic" / "standard" / "locks"
     locks.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # "another runner"
