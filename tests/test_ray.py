@@ -96,7 +96,9 @@ def test_pretraining_job_and_its_export(cluster, uneven_dataset, tmp_path, capsy
     assert {p.name for p in (tmp_path / "pids").iterdir()} == {"rank0.pid", "rank1.pid"}
     assert main(["evaluate", "--config", TINY, "--data", str(root), "--model", str(out / "export"),
                  "--out", str(tmp_path / "e.json"), "--loader.num_workers=0"]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())[0]["users"] > 0
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert {r["protocol"] for r in rows} == {"history-excluded", "history-included"}
+    assert all(r["users"] == 40 for r in rows if r["setting"] == "all")
 
 
 def test_a_killed_worker_restarts_from_the_checkpoint(cluster, uneven_dataset, tmp_path):
