@@ -16,7 +16,6 @@ is what makes the check trustworthy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -26,18 +25,11 @@ import numpy as np
 import torch
 
 from jepa4rec_dist.data.items import ITEMS_FILE
+from jepa4rec_dist.data.shards import sha256_file
 from jepa4rec_dist.data.tokenization import minilm_model_dir
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "item_vectors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_folder(source: str) -> Path:
@@ -53,9 +45,9 @@ def source_identity(source: str) -> dict:
     weights = [p for p in ("model.safetensors", "pytorch_model.bin") if (folder / p).is_file()]
     if not weights:
         raise ValueError(f"item vectors: {folder} has no model.safetensors or pytorch_model.bin")
-    ident = {"source": source, "folder": str(folder.resolve()), "weights_sha256": _sha256(folder / weights[0])}
+    ident = {"source": source, "folder": str(folder.resolve()), "weights_sha256": sha256_file(folder / weights[0])}
     if (folder / "config.json").is_file():
-        ident["config_sha256"] = _sha256(folder / "config.json")
+        ident["config_sha256"] = sha256_file(folder / "config.json")
     return ident
 
 
@@ -74,7 +66,7 @@ def identity(cfg, root: str | Path, source: str) -> dict:
     pooling = cfg.model.pooling  # an export encodes with its own pooling (build_encoder takes its shape)
     if source != "minilm" and is_export(source):
         pooling = json.loads((Path(source) / "config.json").read_text())["model"].get("pooling", "cls")
-    return {**source_identity(source), "catalogue_sha256": _sha256(Path(root) / ITEMS_FILE),
+    return {**source_identity(source), "catalogue_sha256": sha256_file(Path(root) / ITEMS_FILE),
             "pooling": pooling, "max_tokens": cfg.sequence.max_tokens,
             "position_style": cfg.sequence.position_style}
 
