@@ -121,6 +121,35 @@ def test_frequency_gate_follows_item_frequency():
     assert (torch.diff(g[order, 0]) >= 0).all()  # monotone in frequency
 
 
+def test_id_dropout_zeroes_the_dropped_items_ids_in_inputs_and_keys():
+    """With a mask, a dropped item's input vector and every expert key are the text-only ones (e_i = 0), a
+    kept item's are unchanged, and the training objective leaves no mask behind."""
+    torch.manual_seed(0)
+    n = 6
+    text = torch.nn.functional.normalize(torch.randn(n, 12), dim=-1)
+    cfg = HybridConfig(mode="hybrid", gating="frequency", hidden=8, id_init="normal", id_dropout=0.5)
+    model = HybridSeqRec(n, cfg, text, torch.arange(n) * 3)
+    full_in, full_keys = model.item_inputs().detach(), model.item_table().detach()
+    keep = torch.tensor([True, False, True, False, True, True])
+    model.set_id_mask(keep)
+    masked_in, masked_keys = model.item_inputs().detach(), model.item_table().detach()
+    text_in = model.text_keys().detach()
+    assert torch.equal(masked_in[keep], full_in[keep]) and torch.allclose(masked_in[~keep], text_in[~keep])
+    assert torch.equal(masked_keys[keep], full_keys[keep])
+    g = model.gates().detach()
+    h = cfg.hidden  # experts side by side: fused (= text), id (= 0), text
+    assert torch.allclose(masked_keys[~keep, :h], g[~keep, :1] * text_in[~keep])
+    assert torch.equal(masked_keys[~keep, h:2 * h], torch.zeros(2, h))
+    from jepa4rec_dist.hybrid.train import HybridObjective
+
+    objective = HybridObjective(model, "reference", None, None)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    objective(ids, torch.tensor([[1, 2, 3, 4]]) - 1, torch.tensor([0, 1]), 1.0, keep)
+    assert getattr(model, "_id_keep", None) is None  # cleared after the step
+    with pytest.raises(ValueError, match="id_dropout needs hybrid.mode=hybrid"):
+        HybridConfig(mode="text", id_dropout=0.1).validate("hybrid")
+
+
 def test_text_model_scores_an_item_added_after_training(successor, tmp_path):
     result = finetune(hybrid_cfg(successor, tmp_path / "text", "--hybrid.mode=text"), progress=False)
     assert result["test"]["recall@10"] == 1.0

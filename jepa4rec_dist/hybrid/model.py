@@ -59,6 +59,9 @@ class HybridConfig:
     contrastive_temperature: float = 0.1
     adapter: Literal["linear", "mlp"] = "linear"
     id_init: Literal["zero", "normal"] = "zero"
+    # training only: each step, this share of the catalogue's ID vectors is zeroed (inputs and keys alike), so
+    # the model learns to rank items from their text alone, as it must for new items (e_i = 0)
+    id_dropout: float = 0.0
     hidden: int = 64
     layers: int = 2
     heads: int = 1
@@ -86,6 +89,10 @@ class HybridConfig:
             raise ValueError(f"{prefix}.hidden ({self.hidden}) must be a multiple of {prefix}.heads ({self.heads})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"{prefix}.id_dropout: must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout and self.mode != "hybrid":
+            raise ValueError(f"{prefix}.id_dropout needs {prefix}.mode=hybrid (it drops IDs in favour of text)")
         if self.lr <= 0 or self.patience < 0 or self.weight_decay < 0 or self.clip_norm < 0:
             raise ValueError(f"{prefix}: lr must be > 0; patience, weight_decay, clip_norm >= 0")
         unknown = sorted(set(self.align) - {"mmd", "contrastive"})
@@ -165,6 +172,14 @@ class HybridSeqRec(nn.Module):
             self.gate = FrequencyGate(len(self.experts))
 
     # --- items ---------------------------------------------------------------------------------------------
+    def set_id_mask(self, keep: torch.Tensor | None) -> None:
+        """(N,) bool: the items whose ID vector this step uses (None: all). Set by the training objective."""
+        self._id_keep = keep
+
+    def ids(self) -> torch.Tensor:
+        keep = getattr(self, "_id_keep", None)
+        return self.id_emb if keep is None else self.id_emb * keep[:, None].to(self.id_emb.dtype)
+
     def text_keys(self) -> torch.Tensor:
         return self.adapter(self.text)  # (N, H)
 
@@ -174,7 +189,7 @@ class HybridSeqRec(nn.Module):
             return self.text_keys()
         if self.cfg.mode == "id":
             return self.id_emb
-        return self.text_keys() + self.id_emb
+        return self.text_keys() + self.ids()
 
     def gates(self) -> torch.Tensor:
         """(N, E) expert weights per item (ones for a single expert)."""
@@ -187,7 +202,8 @@ class HybridSeqRec(nn.Module):
         if len(self.experts) == 1:
             return self.item_inputs()
         text = self.text_keys()
-        keys = {"fused": text + self.id_emb, "id": self.id_emb, "text": self.text_out(text)}
+        ids = self.ids()
+        keys = {"fused": text + ids, "id": ids, "text": self.text_out(text)}
         g = self.gates()
         return torch.cat([g[:, k:k + 1] * keys[e] for k, e in enumerate(self.experts)], dim=-1)
 

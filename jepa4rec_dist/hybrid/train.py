@@ -62,9 +62,17 @@ class HybridObjective(nn.Module):
         self.register_buffer("remap", remap if remap is not None else torch.zeros(0, dtype=torch.long),
                              persistent=False)
 
-    def forward(self, inputs, targets, align_items, scale):
+    def forward(self, inputs, targets, align_items, scale, id_keep=None):
         """Loss of one rank's slice; `scale` = world / global target count (the single-process mean). A rank
-        whose slice of a short last batch is empty still takes part (zero loss, gradients of zero)."""
+        whose slice of a short last batch is empty still takes part (zero loss, gradients of zero).
+        `id_keep`: (N,) bool, the items whose ID vector this step uses (`hybrid.id_dropout`; None: all)."""
+        self.model.set_id_mask(id_keep)
+        try:
+            return self._loss(inputs, targets, align_items, scale)
+        finally:
+            self.model.set_id_mask(None)
+
+    def _loss(self, inputs, targets, align_items, scale):
         align, parts = self.model.align_loss(align_items)
         if inputs.shape[0] == 0:
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -191,14 +199,19 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
     batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)]
     t0, rec_sum, n_targets, parts_sum = time.perf_counter(), 0.0, 0, {}
     bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=None if (progress and runtime.is_main) else True, leave=False)
-    for rows in bar:
+    n_items = objective.model.num_items
+    for step, rows in enumerate(bar):
+        keep = None
+        if hc.id_dropout:  # the same draw on every rank: seeded by (seed, epoch, step)
+            g = torch.Generator().manual_seed((hc.seed * 1_000_003 + epoch) * 1_000_003 + step)
+            keep = (torch.rand(n_items, generator=g) >= hc.id_dropout).to(device)
         tg = targets[rows]
         n_global = int((tg != IGNORE).sum())
         align_items = torch.unique(tg[tg != IGNORE])
         per = math.ceil(len(rows) / runtime.world)
         mine = rows[runtime.rank * per:(runtime.rank + 1) * per]
         loss, rec, parts = engine(inputs[mine].to(device), targets[mine].to(device), align_items.to(device),
-                                  runtime.world / n_global)
+                                  runtime.world / n_global, keep)
         engine.backward(loss)
         engine.step()
         rec_sum += float(rec) * n_global / runtime.world
@@ -234,7 +247,10 @@ def _validate(engine, model, cfg: Config, ctx, runtime, progress) -> dict:
         scorer = HybridScorer(copy, "hybrid", runtime.device(cfg.train.device))
         res = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "valid", False, max_users=cfg.hybrid.valid_users,
                        exclude_history=ctx.exclude_history)
-        valid = res.metrics
+        valid = dict(res.metrics)
+        if ctx.new_items is not None:  # logged beside (selection stays on all users): the held-out items' users
+            sub = res.subset(np.isin(res.targets, ctx.new_items))
+            valid.update({"new_items_users": sub["users"], "new_items_ndcg@10": sub.get("ndcg@10", 0.0)})
     runtime.barrier()
     return broadcast_value(valid)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,12 +112,16 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
         return vectors, have
     vectors = encode_source(cfg, root, source, progress, ray_actors)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(".tmp")
+    # each writer its own temporary file, renamed into place: two processes filling the same cache at once
+    # (two runs started together) never leave a half-written file where the other reads
+    tmp = npy.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, vectors)
     tmp.replace(npy)
-    meta_path.write_text(json.dumps({**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
-                                    indent=1))
+    meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps({**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
+                                   indent=1))
+    meta_tmp.replace(meta_path)
     log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
     return vectors, want
 
