@@ -190,3 +190,39 @@ def test_hybrid_cli_resumes_and_evaluates(successor, tmp_path, capsys):
     test = json.loads((out / "result.json").read_text())["test"]
     row = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == doc["primary_protocol"])
     assert row["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-9)
+
+
+def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(successor, tmp_path):
+    """On a new-items split the offset for never-trained items is chosen on validation: tolerance 0 picks
+    the curve's best (the first on a tie), a tolerance the largest offset within it; the export carries it
+    and its scores are the keys' dot product plus the offset for exactly the untrained items."""
+    from tests.test_evaluation import prepare_new_items
+
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.hybrid.train import choose_new_item_offset
+
+    data = tmp_path / "new"
+    held = prepare_new_items(successor, data)["new_items"]["items"]
+    out = tmp_path / "h"
+    cfg = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.id_dropout=0.3", "--hybrid.epochs=4",
+                     "--data.new_items.fraction=0.25")
+    result = finetune(cfg, progress=False)
+    choice = result["new_item_offset"]
+    assert choice["new_item_users"] > 0 and len(choice["curve"]) == 17 and choice["curve"][0]["offset"] == 0
+    ndcg = [c["ndcg@10"] for c in choice["curve"]]
+    assert choice["chosen"]["ndcg@10"] == max(ndcg) and choice["offset"] == choice["curve"][ndcg.index(max(ndcg))]["offset"]
+    scorer = hybrid_scorer(out / "best", 20)
+    assert float(scorer.model.new_offset) == pytest.approx(choice["offset"])
+    untrained = EvalContext.build(cfg).train_counts == 0
+    assert set(np.flatnonzero(untrained)) >= set(held)  # the held-out items are untrained
+    batch = {"history_items": [[2, 3, 4]], "next_item_index": torch.tensor([5]), "keys": ["u"]}
+    state = scorer.user_state(batch)
+    plain = state @ scorer.model.item_table().detach().T
+    expected = plain + torch.as_tensor(untrained, dtype=torch.float32) * choice["offset"]
+    assert torch.allclose(scorer.item_scores(state, 0, 20), expected, atol=1e-5)
+    loose = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.new_item_tolerance=0.5",
+                       "--data.new_items.fraction=0.25")
+    wide = choose_new_item_offset(loose, EvalContext.build(loose), out / "best")
+    within = [c["offset"] for c in wide["curve"] if c["ndcg@10"] >= 0.5 * max(ndcg)]
+    assert wide["offset"] == max(within) >= choice["offset"]
+    assert float(hybrid_scorer(out / "best", 20).model.new_offset) == pytest.approx(wide["offset"])

@@ -53,6 +53,7 @@ def load_hybrid(folder: str | Path) -> tuple[HybridSeqRec, dict]:
     text = state.get("text")
     counts = torch.zeros(n)  # replaced by the saved `freq` buffer below
     model = HybridSeqRec(n, cfg, text, counts)
+    state.setdefault("new_offset", torch.zeros(()))  # exports from before the new-item offset
     model.load_state_dict(state)
     return model.eval(), meta
 
@@ -66,11 +67,6 @@ class HybridScorer:
         self.refresh()
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        self.table = self.model.item_table().float()
-        self.num_items = self.table.shape[0]
-
-    @torch.no_grad()
     def user_state(self, batch: dict) -> torch.Tensor:
         histories = batch["history_items"]
         check_histories(histories, self.num_items, self.name)
@@ -78,11 +74,18 @@ class HybridScorer:
         ids = history_ids(histories, self.model.cfg.max_len).to(self.device)
         return self.model(ids)[:, -1].float()  # (B, D): the newest position
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.table = self.model.item_table().float()
+        self.bias = self.model.new_item_bias().float()  # the new-item offset (zeros for trained items)
+        self.num_items = self.table.shape[0]
+
     def item_scores(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return (state @ self.table[lo:hi].T).cpu()
+        return (state @ self.table[lo:hi].T + self.bias[lo:hi]).cpu()
 
     def target_scores(self, state: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (state * self.table[targets.long().to(state.device)]).sum(-1).cpu()
+        t = targets.long().to(state.device)
+        return ((state * self.table[t]).sum(-1) + self.bias[t]).cpu()
 
     def add_items(self, text_vectors) -> list[int]:
         """New items (their text vectors from the same source) become candidates; returns their indices."""

@@ -185,6 +185,8 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         _checkpoint(engine, ckpts, epoch, state, runtime)
     result = None
     if main:
+        if state["best_epoch"] is not None:
+            state["new_item_offset"] = choose_new_item_offset(cfg, ctx, out / "best")
         result = _finish(cfg, ctx, out, state)
     runtime.barrier()
     return broadcast_value(result)
@@ -227,6 +229,56 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
     return {"epoch": epoch, "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
             "targets_per_s": round(n_targets / seconds, 1), "seconds": round(seconds, 1),
             **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}
+
+
+def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
+    """Choose (on the validation split) and store in the export `folder` the score offset of items without
+    training interactions (`hybrid.new_item_tolerance`); returns the choice with its validation curve.
+
+    Grid: 0 .. 4 in steps of 1/4 of the score scale (the mean over the first validation batch's users of
+    the standard deviation of their scores over the catalogue). Chosen: the largest offset whose all-user
+    validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie).
+    """
+    from jepa4rec_dist.hybrid.scorer import load_hybrid
+    from jepa4rec_dist.train.finetune import eval_loader, run_eval
+
+    hc = cfg.hybrid
+    model, meta = load_hybrid(folder)
+    scorer = HybridScorer(model, "hybrid")
+    untrained = ctx.train_counts == 0
+
+    def validate():
+        return run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "valid", False, max_users=hc.valid_users,
+                        exclude_history=ctx.exclude_history)
+
+    model.new_offset.fill_(0.0)
+    scorer.refresh()
+    first = validate()
+    new_users = untrained[first.targets]
+    choice = {"offset": 0.0, "tolerance": hc.new_item_tolerance, "new_item_users": int(new_users.sum())}
+    if new_users.any():
+        batch = next(iter(eval_loader(cfg, ctx.root, ctx.tok, ctx.table, "valid")))
+        with torch.no_grad():
+            scale = float((scorer.user_state(batch) @ scorer.table.T).std(dim=1).mean())
+        curve = []
+        for step in range(17):
+            model.new_offset.fill_(scale * step / 4)
+            scorer.refresh()
+            res = first if step == 0 else validate()
+            curve.append({"offset": scale * step / 4, "ndcg@10": res.metrics["ndcg@10"],
+                          "new_items_ndcg@10": res.subset(new_users)["ndcg@10"],
+                          "trained_items_ndcg@10": res.subset(~new_users)["ndcg@10"] if (~new_users).any() else None})
+        best = max(c["ndcg@10"] for c in curve)
+        ok = [c for c in curve if c["ndcg@10"] >= (1 - hc.new_item_tolerance) * best]
+        chosen = max(ok, key=lambda c: c["offset"]) if hc.new_item_tolerance > 0 else ok[0]
+        choice.update(offset=chosen["offset"], scale=scale, chosen=chosen, curve=curve)
+        log.info("new-item offset %.4f (tolerance %.2f, %d validation users with a new target): valid ndcg@10 %.4f "
+                 "(best %.4f), new items %.4f", chosen["offset"], hc.new_item_tolerance, int(new_users.sum()),
+                 chosen["ndcg@10"], best, chosen["new_items_ndcg@10"])
+    model.new_offset.fill_(choice["offset"])
+    rest = {k: v for k, v in meta.items() if k not in ("format", "hybrid", "num_items")}
+    save_hybrid(folder, model, {**rest, "new_item_offset": choice})
+    return choice
 
 
 def _copy(model: HybridSeqRec) -> HybridSeqRec:
@@ -273,11 +325,16 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
 
     if state["best_epoch"] is None:
         raise ValueError(f"{out}: no epoch was validated (hybrid.epochs={cfg.hybrid.epochs})")
+    offset = state.get("new_item_offset") or {}
     fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
-           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1)}
+           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1),
+           "new_item_offset": offset.get("offset", 0.0), "new_item_tolerance": cfg.hybrid.new_item_tolerance}
+    if offset.get("chosen"):
+        fit["valid_ndcg@10_at_offset"] = offset["chosen"]["ndcg@10"]
     if not cfg.hybrid.test_at_end:
         result = {"best": {"epoch": state["best_epoch"], "ndcg@10": state["best"]}, "fit": fit,
-                  "export": str(out / "best"), "history": state["history"], "primary_protocol": None}
+                  "export": str(out / "best"), "history": state["history"], "primary_protocol": None,
+                  "new_item_offset": offset}
         (out / "result.json").write_text(json.dumps(result, indent=1))
         log.info("hybrid (%s): best epoch %d, valid ndcg@10 %.4f (test not evaluated)", cfg.hybrid.mode,
                  state["best_epoch"], state["best"])
@@ -289,7 +346,7 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
                                                                       time.perf_counter() - t0, fit)], "test")
     result = {"best": {"epoch": state["best_epoch"], "ndcg@10": state["best"]}, "test": test.metrics,
               "test_by_protocol": test.by_protocol, "primary_protocol": test.primary, "fit": fit,
-              "export": str(out / "best"), "history": state["history"]}
+              "export": str(out / "best"), "history": state["history"], "new_item_offset": offset}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     log.info("hybrid (%s): best epoch %d, valid ndcg@10 %.4f; test %s", cfg.hybrid.mode, state["best_epoch"],
              state["best"], {k: round(v, 4) for k, v in test.metrics.items() if k != "users"})
