@@ -196,10 +196,9 @@ def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(succ
     """On a new-items split the offset for never-trained items is chosen on validation: tolerance 0 picks
     the curve's best (the first on a tie), a tolerance the largest offset within it; the export carries it
     and its scores are the keys' dot product plus the offset for exactly the untrained items."""
-    from tests.test_evaluation import prepare_new_items
-
     from jepa4rec_dist.eval.context import EvalContext
     from jepa4rec_dist.hybrid.train import choose_new_item_offset
+    from tests.test_evaluation import prepare_new_items
 
     data = tmp_path / "new"
     held = prepare_new_items(successor, data)["new_items"]["items"]

@@ -34,11 +34,11 @@ from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS
 from jepa4rec_dist.eval.ranks import read_ranks
 from jepa4rec_dist.eval.stats import bootstrap_interval, paired_difference, per_user
 
-ORDER = ("hybrid", "hybrid-text", "hybrid-id", "hybrid-noalign", "hybrid-nogate", "hybrid-minilm",
+ORDER = ("hybrid", "hybrid-text", "hybrid-id", "hybrid-align", "hybrid-gate", "hybrid-noiddrop", "hybrid-minilm",
          "jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
 LABELS = {"hybrid": "ID + text (item vectors)", "hybrid-text": "  ablation: without IDs (text only)",
-          "hybrid-id": "  ablation: without text (IDs only)", "hybrid-noalign": "  ablation: without alignment",
-          "hybrid-nogate": "  ablation: without gating", "hybrid-minilm": "  ablation: raw MiniLM text",
+          "hybrid-id": "  ablation: without text (IDs only)", "hybrid-align": "  ablation: with MK-MMD alignment",
+          "hybrid-gate": "  ablation: with frequency gating", "hybrid-noiddrop": "  ablation: without ID dropout", "hybrid-minilm": "  ablation: raw MiniLM text",
           "jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
           "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
           "graph": "graph heuristic", "popularity": "popularity"}

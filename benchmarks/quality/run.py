@@ -11,7 +11,7 @@ held out of training; `low-resource`: the standard data, every method trained on
   method on the test split (`eval/<method>.json` + per-user ranks beside it).
 Methods (`--methods`): the pretrained export (zero-shot), the finetuned model, the baselines (popularity,
 sasrec, gru4rec, graph, text-pop) and the item-vector model with its ablations (hybrid, hybrid-text,
-hybrid-id, hybrid-noalign, hybrid-nogate, hybrid-minilm), each fitted on the train split, tuned/stopped on
+hybrid-id, hybrid-align, hybrid-gate, hybrid-noiddrop, hybrid-minilm), each fitted on the train split, tuned/stopped on
 the validation split only. Wall times (pretraining and finetuning included for the text model) go into each
 method's JSON. Folder: runs/quality/<dataset>/<variant>/ (`--out` to change).
 
@@ -38,10 +38,11 @@ METHODS = ("jepa4rec-zero-shot", "jepa4rec-finetuned", "popularity", "sasrec", "
 # ablations: each is a set of overrides on top of the recipe.
 HYBRID = {
     "hybrid": [],
-    "hybrid-text": ["--hybrid.mode=text", "--hybrid.align=[]"],  # without IDs
-    "hybrid-id": ["--hybrid.mode=id", "--hybrid.align=[]"],  # without text
-    "hybrid-noalign": ["--hybrid.align=[]"],
-    "hybrid-nogate": ["--hybrid.gating=none"],
+    "hybrid-text": ["--hybrid.mode=text", "--hybrid.id_dropout=0"],  # without IDs
+    "hybrid-id": ["--hybrid.mode=id", "--hybrid.id_dropout=0"],  # without text
+    "hybrid-align": ["--hybrid.align=[mmd]"],  # with PAD's MK-MMD alignment
+    "hybrid-gate": ["--hybrid.gating=frequency"],  # with frequency-gated experts
+    "hybrid-noiddrop": ["--hybrid.id_dropout=0"],  # without ID dropout
     "hybrid-minilm": ["--hybrid.text_from=minilm"],  # text from raw MiniLM instead of the JEPA4Rec export
 }
 log = logging.getLogger("quality")
