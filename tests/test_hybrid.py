@@ -204,7 +204,7 @@ def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(succ
     held = prepare_new_items(successor, data)["new_items"]["items"]
     out = tmp_path / "h"
     cfg = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.id_dropout=0.3", "--hybrid.epochs=4",
-                     "--data.new_items.fraction=0.25")
+                     "--data.new_items.fraction=0.25", "--hybrid.new_item_min_users=2")
     result = finetune(cfg, progress=False)
     choice = result["new_item_offset"]
     assert choice["new_item_users"] > 0 and len(choice["curve"]) == 17 and choice["curve"][0]["offset"] == 0
@@ -220,8 +220,14 @@ def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(succ
     expected = plain + torch.as_tensor(untrained, dtype=torch.float32) * choice["offset"]
     assert torch.allclose(scorer.item_scores(state, 0, 20), expected, atol=1e-5)
     loose = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.new_item_tolerance=0.5",
-                       "--data.new_items.fraction=0.25")
+                       "--data.new_items.fraction=0.25", "--hybrid.new_item_min_users=2")
     wide = choose_new_item_offset(loose, EvalContext.build(loose), out / "best")
     within = [c["offset"] for c in wide["curve"] if c["ndcg@10"] >= 0.5 * max(ndcg)]
     assert wide["offset"] == max(within) >= choice["offset"]
     assert float(hybrid_scorer(out / "best", 20).model.new_offset) == pytest.approx(wide["offset"])
+    # too few validation users with an untrained target: no evidence, no offset
+    few = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.new_item_tolerance=0.5",
+                     "--data.new_items.fraction=0.25", f"--hybrid.new_item_min_users={choice['new_item_users'] + 1}")
+    none = choose_new_item_offset(few, EvalContext.build(few), out / "best")
+    assert none["offset"] == 0.0 and "curve" not in none
+    assert float(hybrid_scorer(out / "best", 20).model.new_offset) == 0.0

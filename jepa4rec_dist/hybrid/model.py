@@ -67,6 +67,9 @@ class HybridConfig:
     # the largest offset of a grid whose all-user validation NDCG@10 is within this share of the grid's
     # best (0: the best; only when some validation target has no training interaction, else 0).
     new_item_tolerance: float = 0.0
+    # ... and only when at least this many validation users have an untrained target (else the offset is 0):
+    # one or two such users are no evidence (a standard split has a handful of items seen only in validation)
+    new_item_min_users: int = 30
     hidden: int = 64
     layers: int = 2
     heads: int = 1
@@ -107,6 +110,8 @@ class HybridConfig:
             raise ValueError(f"{prefix}.align needs {prefix}.mode=hybrid (it aligns IDs with text), got {self.mode!r}")
         if self.contrastive_temperature <= 0:
             raise ValueError(f"{prefix}.contrastive_temperature: must be > 0")
+        if self.new_item_min_users < 1:
+            raise ValueError(f"{prefix}.new_item_min_users: must be >= 1, got {self.new_item_min_users}")
         if not 0 <= self.new_item_tolerance < 1:
             raise ValueError(f"{prefix}.new_item_tolerance: must be in [0, 1), got {self.new_item_tolerance}")
         if self.ray_actors < 0:

@@ -237,7 +237,8 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
 
     Grid: 0 .. 4 in steps of 1/4 of the score scale (the mean over the first validation batch's users of
     the standard deviation of their scores over the catalogue). Chosen: the largest offset whose all-user
-    validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie).
+    validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie);
+    0 when fewer than `hybrid.new_item_min_users` validation users have an untrained target.
     """
     from jepa4rec_dist.hybrid.scorer import load_hybrid
     from jepa4rec_dist.train.finetune import eval_loader, run_eval
@@ -256,7 +257,10 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     first = validate()
     new_users = untrained[first.targets]
     choice = {"offset": 0.0, "tolerance": hc.new_item_tolerance, "new_item_users": int(new_users.sum())}
-    if new_users.any():
+    if 0 < new_users.sum() < hc.new_item_min_users:
+        log.info("new-item offset: 0 (only %d validation users have an untrained target; "
+                 "hybrid.new_item_min_users=%d)", int(new_users.sum()), hc.new_item_min_users)
+    elif new_users.any():
         batch = next(iter(eval_loader(cfg, ctx.root, ctx.tok, ctx.table, "valid")))
         with torch.no_grad():
             scale = float((scorer.user_state(batch) @ scorer.table.T).std(dim=1).mean())
