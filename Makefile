@@ -36,8 +36,11 @@ demo: setup
 	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launch/pretrain.py --config $(DEMO_CFG)
 	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launch/finetune.py --config $(DEMO_CFG) \
 		--finetune.init_from=runs/demo/pretrain/export
+	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(FREE_PORT) launch/finetune.py --config $(DEMO_CFG) \
+		--finetune.model=hybrid
 	$(VENV)/bin/jepa4rec evaluate --config $(DEMO_CFG) --model runs/demo/pretrain/export \
-		--model runs/demo/finetune/best --baselines popularity,sasrec,graph,text-pop --out runs/demo/eval-test.json
+		--model runs/demo/finetune/best --model runs/demo/hybrid/best \
+		--baselines popularity,sasrec,graph,text-pop --out runs/demo/eval-test.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

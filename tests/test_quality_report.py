@@ -21,15 +21,19 @@ def runner_command(tmp_path: Path, sasrec_epochs: int, *args: str) -> tuple[list
     prepared = write_successor_dataset(tmp_path / "succ")
     recipe = yaml.safe_load((prepared / "config.yaml").read_text())
     recipe["baselines"]["sasrec"].update({"epochs": sasrec_epochs, "hidden": 16, "max_len": 8})
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"]}))
+    hybrid = {"hidden": 16, "max_len": 8, "epochs": 3, "lr": 1e-2, "gating": "none", "id_dropout": 0.3}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"data": recipe["data"], "baselines": recipe["baselines"],
+                                                          "model": {"pooling": "mean"}, "hybrid": hybrid}))
     runs = tmp_path / "runs"
     return [sys.executable, str(REPO / "benchmarks/quality/run.py"), "--recipe", str(tmp_path / "recipe.yaml"),
             "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", *args], runs
 
 
 def test_runner_then_report(tmp_path):
+    """Two baselines and two rows of the item-vector model (IDs only; raw MiniLM text, no pretraining)."""
     cmd, runs = runner_command(tmp_path, 3, "--new-items-fraction", "0.25",
                                "--variants", "standard,new-items,low-resource", "--low-resource-fraction", "0.5")
+    cmd[cmd.index("popularity,sasrec")] = "popularity,sasrec,hybrid-id,hybrid-minilm"
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for variant in ("standard", "new-items", "low-resource"):
@@ -69,6 +73,13 @@ def test_runner_then_report(tmp_path):
     assert np.isclose(std["diff"], cell["ndcg@10"] - results["methods"]["popularity"]["cells"]["history-excluded"]
                       ["standard/all"]["ndcg@10"])
     assert results["runs"]["standard/sasrec"]["rank_file_sha256"]
+    # the item-vector rows: trained by the runner, tabled; ablations are paired with the model only (absent
+    # here), so hybrid-id and hybrid-minilm meet no other method
+    assert "ablation: without text (IDs only)" in report and "ablation: raw MiniLM text" in report
+    fit = json.loads((runs / "generic/standard/eval/hybrid-minilm.json").read_text())["methods"][0]["fit"]
+    assert fit["text_from"] == "minilm" and fit["epochs"] == 3
+    assert not [p for p in results["pairs"] if "hybrid-id" in (p["method_a"], p["method_b"])
+                or "hybrid-minilm" in (p["method_a"], p["method_b"])]
 
 
 def test_two_runners_share_a_variant_through_lock_files(tmp_path):

@@ -104,6 +104,8 @@ def summarise(runs: dict, samples: int) -> dict:
         for variant, setting in (("standard", "all"), ("new-items", "new-items"), ("low-resource", "all")):
             present = [m for m in methods if m in variants.get(variant, {})]
             for a, b in itertools.combinations(present, 2):
+                if "hybrid" not in (a, b) and (a.startswith("hybrid-") or b.startswith("hybrid-")):
+                    continue  # an ablation is compared with the model it ablates only
                 ra, rb = variants[variant][a][1], variants[variant][b][1]
                 mask = ra.mask(setting)
                 for protocol in PROTOCOLS:

@@ -240,20 +240,35 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie);
     0 when fewer than `hybrid.new_item_min_users` validation users have an untrained target.
     """
+    import itertools
+
+    from jepa4rec_dist.eval.harness import evaluate
     from jepa4rec_dist.hybrid.scorer import load_hybrid
-    from jepa4rec_dist.train.finetune import eval_loader, run_eval
+    from jepa4rec_dist.train.finetune import eval_loader
 
     hc = cfg.hybrid
     model, meta = load_hybrid(folder)
-    scorer = HybridScorer(model, "hybrid")
     untrained = ctx.train_counts == 0
+    loader = eval_loader(cfg, ctx.root, ctx.tok, ctx.table, "valid")
+    n_batches = len(loader) if hc.valid_users is None else min(len(loader), -(-hc.valid_users // cfg.eval.batch_size))
+    batches = list(itertools.islice(loader, n_batches))  # read once: the offset changes item scores only
+
+    class Memo(HybridScorer):  # the user states do not depend on the offset: computed once per batch
+        def user_state(self, batch):
+            key = id(batch)
+            if key not in self.states:
+                self.states[key] = super().user_state(batch)
+            return self.states[key]
+
+    scorer = Memo(model, "hybrid")
+    scorer.states = {}
 
     def validate():
-        return run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, "valid", False, max_users=hc.valid_users,
-                        exclude_history=ctx.exclude_history)
+        scorer.refresh()
+        return evaluate(scorer, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
+                        exclude_history=ctx.exclude_history, progress=False)
 
     model.new_offset.fill_(0.0)
-    scorer.refresh()
     first = validate()
     new_users = untrained[first.targets]
     choice = {"offset": 0.0, "tolerance": hc.new_item_tolerance, "new_item_users": int(new_users.sum())}
@@ -261,13 +276,11 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
         log.info("new-item offset: 0 (only %d validation users have an untrained target; "
                  "hybrid.new_item_min_users=%d)", int(new_users.sum()), hc.new_item_min_users)
     elif new_users.any():
-        batch = next(iter(eval_loader(cfg, ctx.root, ctx.tok, ctx.table, "valid")))
         with torch.no_grad():
-            scale = float((scorer.user_state(batch) @ scorer.table.T).std(dim=1).mean())
+            scale = float((scorer.user_state(batches[0]) @ scorer.table.T).std(dim=1).mean())
         curve = []
         for step in range(17):
             model.new_offset.fill_(scale * step / 4)
-            scorer.refresh()
             res = first if step == 0 else validate()
             curve.append({"offset": scale * step / 4, "ndcg@10": res.metrics["ndcg@10"],
                           "new_items_ndcg@10": res.subset(new_users)["ndcg@10"],
