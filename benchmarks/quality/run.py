@@ -39,7 +39,8 @@ METHODS = ("jepa4rec-zero-shot", "jepa4rec-finetuned", "popularity", "sasrec", "
 HYBRID = {
     "hybrid": [],
     "hybrid-text": ["--hybrid.mode=text", "--hybrid.id_dropout=0"],  # without IDs
-    "hybrid-id": ["--hybrid.mode=id", "--hybrid.id_dropout=0"],  # without text
+    # without text: an ID model, with the ID initialisation that suits it on validation (EXPERIMENTS.md)
+    "hybrid-id": ["--hybrid.mode=id", "--hybrid.id_dropout=0", "--hybrid.id_init=normal"],
     "hybrid-align": ["--hybrid.align=[mmd]"],  # with PAD's MK-MMD alignment
     "hybrid-gate": ["--hybrid.gating=frequency"],  # with frequency-gated experts
     "hybrid-noiddrop": ["--hybrid.id_dropout=0"],  # without ID dropout

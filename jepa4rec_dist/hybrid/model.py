@@ -170,10 +170,11 @@ class HybridSeqRec(nn.Module):
                             else nn.Sequential(nn.Linear(dt, 2 * h), nn.GELU(), nn.Linear(2 * h, h)))
             if "text" in self.experts and cfg.mode == "hybrid":
                 self.text_out = nn.Linear(h, h)  # the text expert's own key map (the input adapter is shared)
+        counts = torch.as_tensor(counts, dtype=torch.float32)
         if self.use_id:
             init = torch.zeros(num_items, h) if cfg.id_init == "zero" else torch.randn(num_items, h) * h ** -0.5
+            init[counts == 0] = 0.0  # never trained: their ID memory must stay empty, not noise
             self.id_emb = nn.Parameter(init)
-        counts = torch.as_tensor(counts, dtype=torch.float32)
         self.register_buffer("freq", torch.log1p(counts) / math.log1p(max(float(counts.max()), 1.0)))
         # added to the scores of items without training interactions (`new_item_scores`); set after training
         self.register_buffer("new_offset", torch.zeros(()))
