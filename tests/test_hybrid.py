@@ -129,6 +129,8 @@ def test_id_dropout_zeroes_the_dropped_items_ids_in_inputs_and_keys():
     text = torch.nn.functional.normalize(torch.randn(n, 12), dim=-1)
     cfg = HybridConfig(mode="hybrid", gating="frequency", hidden=8, id_init="normal", id_dropout=0.5)
     model = HybridSeqRec(n, cfg, text, torch.arange(n) * 3)
+    # normal init, but item 0 has no training interaction: its ID memory starts (and stays) empty
+    assert torch.equal(model.id_emb[0].detach(), torch.zeros(8)) and (model.id_emb[1:].detach() != 0).all()
     full_in, full_keys = model.item_inputs().detach(), model.item_table().detach()
     keep = torch.tensor([True, False, True, False, True, True])
     model.set_id_mask(keep)
