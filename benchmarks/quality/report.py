@@ -275,6 +275,7 @@ def plot(dataset: str, data: dict, path: Path) -> None:
              if any(data["methods"][m]["cells"][EXCLUDED].get(k, {}).get("users") for m in methods)]
     fig, axes = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
     width = 0.8 / max(len(methods), 1)
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))[:max(len(methods), 1)]  # 10 colours repeat beyond 10 methods
     for ax, protocol in zip(axes, PROTOCOLS, strict=True):
         for i, method in enumerate(methods):
             c = data["methods"][method]["cells"][protocol]
@@ -282,12 +283,13 @@ def plot(dataset: str, data: dict, path: Path) -> None:
             lo = [y - c.get(k, {}).get("ndcg@10_low", y) for y, k in zip(ys, cells, strict=True)]
             hi = [c.get(k, {}).get("ndcg@10_high", y) - y for y, k in zip(ys, cells, strict=True)]
             ax.bar(np.arange(len(cells)) + (i - (len(methods) - 1) / 2) * width, ys, width, yerr=[lo, hi], capsize=2,
-                   label=LABELS.get(method, method))
+                   label=LABELS.get(method, method).strip(), color=colours[i % len(colours)])
         ax.set_title(f"{dataset}: {TITLES[protocol]}", fontsize=10)
         ax.set_ylabel("test NDCG@10 (95% CI)")
         ax.grid(axis="y", alpha=0.3)
     users = {k: data["methods"][methods[0]]["cells"][EXCLUDED].get(k, {}).get("users", 0) for k in cells}
-    axes[-1].set_xticks(np.arange(len(cells)), [f"{k.split('/')[1]}\n({users[k]} users)" for k in cells])
+    names = {"low-resource/all": f"{low_share(data)} of users", "new-items/new-items": "new items"}
+    axes[-1].set_xticks(np.arange(len(cells)), [f"{names.get(k, k.split('/')[1])}\n({users[k]} users)" for k in cells])
     axes[0].legend(fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

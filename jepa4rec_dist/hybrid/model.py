@@ -19,6 +19,11 @@ fused expert alone (naive fusion). Because the gate depends on the item only, th
 of a concatenated query (W_k h)_k with a concatenated key (g_k(i) key_k(i))_k: the full softmax still goes
 through the fused InfoNCE kernel and evaluation still chunks over items.
 
+New items: `id_dropout` zeroes a random share of the ID vectors each training step (the model learns to
+rank from text alone), and `new_offset`, chosen on validation after training (`hybrid.train.
+choose_new_item_offset`), is added to the scores of items without training interactions, which lack the ID
+memory that lifts warm items.
+
 ID memory starts at zero (`id_init: zero`): an item never trained (a held-out new item is not even a
 softmax negative) keeps e_i = 0, so its fused key is its text key and its ID expert contributes nothing.
 
@@ -176,7 +181,7 @@ class HybridSeqRec(nn.Module):
             init[counts == 0] = 0.0  # never trained: their ID memory must stay empty, not noise
             self.id_emb = nn.Parameter(init)
         self.register_buffer("freq", torch.log1p(counts) / math.log1p(max(float(counts.max()), 1.0)))
-        # added to the scores of items without training interactions (`new_item_scores`); set after training
+        # added to the scores of items without training interactions (`new_item_bias`); chosen after training
         self.register_buffer("new_offset", torch.zeros(()))
         self.pos_emb = nn.Embedding(cfg.max_len, h)
         self.drop = nn.Dropout(cfg.dropout)
