@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jepa4rec_dist.data.items import ITEMS_FILE
+from jepa4rec_dist.data.shards import atomic_write, save_npy
 from jepa4rec_dist.data.tokenization import minilm_model_dir
 
 
@@ -79,8 +80,5 @@ def item_text_embeddings(root: str | Path, attributes: list[str] | None = None, 
             return emb
     emb = encode_texts(texts, batch_size, max_length, progress)
     if cache:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, emb)
-        tmp.replace(path)  # never a half-written cache under the final name
+        atomic_write(path, lambda tmp: save_npy(tmp, emb))  # never a half-written cache under the final name
     return emb

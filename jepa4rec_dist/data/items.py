@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jepa4rec_dist.data.shards import atomic_write
+
 ITEMS_FILE = "items.parquet"
 
 
@@ -34,9 +36,7 @@ def write_items(path: Path, item_ids: list[str], domains: list[str], attributes:
         "token_types": pa.array([t.token_types for t in tokens], type=pa.list_(pa.int8())),
         "word_starts": pa.array([t.word_starts for t in tokens], type=pa.list_(pa.bool_())),
     })
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 @dataclass

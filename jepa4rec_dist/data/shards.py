@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
 MANIFEST = "manifest.json"
@@ -42,6 +44,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def atomic_write(path: Path, write) -> Path:
+    """Write `path` through `write(tmp)` into a temporary file of this process beside it, then rename it into
+    place: a crash never leaves a half-written file under the final name, and two processes writing the same
+    file at once (two runs filling one cache) never write into each other's temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_npy(path: Path, array) -> None:
+    """np.save through a handle: given a name, np.save appends ".npy" (a temporary file's name would change)."""
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
 def shard_name(split: str, index: int) -> str:
     return f"shards/{split}-{index:06d}.tar"
 
@@ -57,9 +79,7 @@ def write_shard(root: Path, split: str, index: int, samples: list[dict]) -> Shar
             payload = {k: v for k, v in sample.items() if k != "key"}
             writer.write({"__key__": sample["key"], "json": json.dumps(payload, separators=(",", ":")).encode()})
     data = buffer.getvalue()
-    tmp = path.with_suffix(".tar.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # a crash never leaves a half-written shard under the final name
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return ShardInfo(path=rel, samples=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 

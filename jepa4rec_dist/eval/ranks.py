@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jepa4rec_dist.data.shards import atomic_write
 from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult
 
 RANK_COLUMNS = {EXCLUDED: "rank_history_excluded", INCLUDED: "rank_history_included"}
@@ -52,10 +53,7 @@ def write_ranks(path: str | Path, result: EvalResult, users: list[str], item_ids
         "new_item": pa.array(is_new[targets]),
     })
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 @dataclass

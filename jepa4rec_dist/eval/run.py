@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from jepa4rec_dist.config import Config
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
 from jepa4rec_dist.data.items import ITEMS_FILE, ItemTable
-from jepa4rec_dist.data.shards import load_manifest
+from jepa4rec_dist.data.shards import atomic_write, load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.buckets import setting_masks
 from jepa4rec_dist.eval.context import EvalContext, code_version
@@ -161,9 +161,7 @@ def write_evaluation(out_json: str | Path, cfg: Config, ctx: EvalContext, evalua
         methods.append(entry)
         rows += method_rows(ctx, ev)
     doc = {**common, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": methods, "rows": rows}
-    tmp = out_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default))
-    tmp.replace(out_json)
+    atomic_write(out_json, lambda tmp: tmp.write_text(json.dumps(doc, indent=1, default=_json_default)))
     return doc
 
 

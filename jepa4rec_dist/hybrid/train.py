@@ -231,6 +231,19 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
             **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}
 
 
+class _StatesOnce(HybridScorer):
+    """A scorer whose user states are computed once per (kept) batch: they do not depend on the item offset."""
+
+    def __init__(self, model: HybridSeqRec):
+        self._states: dict[int, torch.Tensor] = {}
+        super().__init__(model, "hybrid")
+
+    def user_state(self, batch: dict) -> torch.Tensor:
+        if id(batch) not in self._states:
+            self._states[id(batch)] = super().user_state(batch)
+        return self._states[id(batch)]
+
+
 def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     """Choose (on the validation split) and store in the export `folder` the score offset of items without
     training interactions (`hybrid.new_item_tolerance`); returns the choice with its validation curve.
@@ -253,15 +266,7 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     n_batches = len(loader) if hc.valid_users is None else min(len(loader), -(-hc.valid_users // cfg.eval.batch_size))
     batches = list(itertools.islice(loader, n_batches))  # read once: the offset changes item scores only
 
-    class Memo(HybridScorer):  # the user states do not depend on the offset: computed once per batch
-        def user_state(self, batch):
-            key = id(batch)
-            if key not in self.states:
-                self.states[key] = super().user_state(batch)
-            return self.states[key]
-
-    scorer = Memo(model, "hybrid")
-    scorer.states = {}
+    scorer = _StatesOnce(model)
 
     def validate():
         scorer.refresh()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from jepa4rec_dist.data.items import ITEMS_FILE
-from jepa4rec_dist.data.shards import sha256_file
+from jepa4rec_dist.data.shards import atomic_write, save_npy, sha256_file
 from jepa4rec_dist.data.tokenization import minilm_model_dir
 
 log = logging.getLogger(__name__)
@@ -112,16 +111,9 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
         return vectors, have
     vectors = encode_source(cfg, root, source, progress, ray_actors)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    # each writer its own temporary file, renamed into place: two processes filling the same cache at once
-    # (two runs started together) never leave a half-written file where the other reads
-    tmp = npy.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, vectors)
-    tmp.replace(npy)
-    meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps({**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
-                                   indent=1))
-    meta_tmp.replace(meta_path)
+    atomic_write(npy, lambda tmp: save_npy(tmp, vectors))  # two runs may fill the same cache at once
+    meta = {**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
     return vectors, want
 
