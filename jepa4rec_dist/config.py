@@ -330,6 +330,9 @@ class EvalConfig:
     head_share: float = 0.2
     bootstrap_samples: int = 10000  # paired bootstrap / randomization draws of `jepa4rec compare`
     write_ranks: bool = True  # per-user ranks (Parquet) beside every metrics JSON
+    # `jepa4rec evaluate` scores the split's first N users only, in whole batches (null: all of them): for a
+    # quick look (the CPU demo); every method of a table gets the same users, and the tables say how many
+    max_users: int | None = None
 
     def validate(self, prefix: str) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):
@@ -338,6 +341,8 @@ class EvalConfig:
         _positive(self.item_chunk, f"{prefix}.item_chunk")
         _positive(self.cold_below, f"{prefix}.cold_below")
         _positive(self.bootstrap_samples, f"{prefix}.bootstrap_samples")
+        if self.max_users is not None:
+            _positive(self.max_users, f"{prefix}.max_users")
         if not 0 < self.head_share < 1:
             raise ValueError(f"{prefix}.head_share: must be in (0, 1), got {self.head_share}")
 

@@ -33,6 +33,26 @@ def prepare_new_items(root, out, fraction=0.25):
     return prepare(cfg, progress=False)
 
 
+def test_evaluate_max_users_scores_the_first_whole_batches_of_users(successor, tmp_path, capsys):
+    """`eval.max_users` keeps the split's first users (whole evaluation batches) for every method: the same
+    users, with the same ranks, as the first rows of a full evaluation."""
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    assert main(["evaluate", "--data", str(successor), "--baselines", "popularity,graph", "--out", str(full)]) == 0
+    assert main(["evaluate", "--data", str(successor), "--baselines", "popularity,graph", "--out", str(part),
+                 "--eval.max_users=40", "--eval.batch_size=16"]) == 0
+    capsys.readouterr()
+    doc = json.loads(part.read_text())
+    assert doc["max_users"] == 40 and json.loads(full.read_text())["max_users"] is None
+    assert {r["users"] for r in doc["rows"] if r["setting"] == "all"} == {48}  # 3 batches of 16
+    for entry in doc["methods"]:
+        a = read_ranks(part.parent / entry["ranks_file"])
+        b = read_ranks(full.parent / entry["ranks_file"])
+        assert list(a.columns["key"]) == list(b.columns["key"])[:48]
+        assert (a.ranks("history-excluded") == b.ranks("history-excluded")[:48]).all()
+    with pytest.raises(ValueError, match="eval.max_users: must be > 0"):
+        load_config(overrides=["--eval.max_users=0"])
+
+
 def test_evaluate_writes_both_protocols_and_rank_files_that_reproduce_every_row(successor, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--data", str(successor), "--baselines", "popularity,sasrec,gru4rec",

@@ -3,6 +3,7 @@ new items after training, resumable training, and the CLI/evaluate path."""
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,25 @@ def test_vector_cache_is_reused_and_a_changed_export_is_an_error(uneven_dataset,
     fresh, ident2 = item_vectors(cfg, root, export, progress=False, refresh=True)
     assert ident2["weights_sha256"] != ident["weights_sha256"] and not np.array_equal(fresh, first)
     assert item_vectors(cfg, root, export, progress=False)[1]["weights_sha256"] == ident2["weights_sha256"]
+    # evaluation (a zero-shot export as a scorer) reads the same cache, and re-encodes a stale one: it trains nothing
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.shards import load_manifest
+    from jepa4rec_dist.data.tokenization import TokenizerInfo
+    from jepa4rec_dist.eval.model_scorer import encode_items
+    from jepa4rec_dist.eval.run import model_scorer
+    from jepa4rec_dist.model import build_encoder
+
+    tok, table = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"]), ItemTable.load(root)
+    assert np.array_equal(model_scorer(cfg, export, tok, table, progress=False).table.numpy(), fresh)
+    emb = weights["encoder.embeddings.word_embeddings.weight"]  # not a constant shift: LayerNorm removes those
+    emb += 0.1 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(Path(export) / "model.safetensors"))
+    scorer = model_scorer(cfg, export, tok, table, progress=False)
+    encoder = build_encoder(replace(cfg.model, init_from=export), tok, with_head=False)[0].eval()
+    with torch.no_grad():
+        direct = encode_items(encoder, table, tok, cfg.sequence, 16, "cpu", False)
+    assert torch.allclose(scorer.table, direct, atol=1e-6) and not np.allclose(scorer.table.numpy(), fresh)
+    assert json.loads(meta.read_text())["weights_sha256"] != ident2["weights_sha256"]  # the cache was rewritten
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "text", "id"])
@@ -194,6 +214,27 @@ def test_hybrid_cli_resumes_and_evaluates(successor, tmp_path, capsys):
     assert row["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-9)
 
 
+def test_step_budget_stops_mid_epoch_and_resumes_to_the_same_run(successor, tmp_path):
+    """`hybrid.max_steps` ends training after that many optimizer steps (mid-epoch: the partial epoch is
+    validated and is the last), also across a resume; without a budget an epoch has more steps."""
+    full = finetune(hybrid_cfg(successor, tmp_path / "f", "--hybrid.epochs=1", "--hybrid.batch_size=2",
+                               "--hybrid.test_at_end=false"), progress=False)
+    per_epoch = full["history"][0]["steps"]
+    assert per_epoch >= 4 and full["fit"]["stopped"] == "epoch cap" and full["fit"]["steps"] == per_epoch
+    budget = per_epoch + per_epoch // 2  # one and a half epochs
+    args = ("--hybrid.batch_size=2", "--hybrid.test_at_end=false", "--hybrid.patience=0")
+    one = finetune(hybrid_cfg(successor, tmp_path / "b", "--hybrid.epochs=1", *args), progress=False)
+    resumed = finetune(hybrid_cfg(successor, tmp_path / "b", f"--hybrid.max_steps={budget}", *args), progress=False)
+    assert one["fit"]["steps"] == per_epoch
+    assert [r["steps"] for r in resumed["history"]] == [per_epoch, budget - per_epoch]
+    assert resumed["fit"] == {**resumed["fit"], "epochs": 2, "steps": budget, "stopped": "step budget"}
+    straight = finetune(hybrid_cfg(successor, tmp_path / "s", f"--hybrid.max_steps={budget}", *args), progress=False)
+    for a, b in zip(resumed["history"], straight["history"], strict=True):  # resumed = uninterrupted
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["steps"] == b["steps"]
+    with pytest.raises(ValueError, match="max_steps: must be >= 0"):
+        HybridConfig(max_steps=-1).validate("hybrid")
+
+
 def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(successor, tmp_path):
     """On a new-items split the offset for never-trained items is chosen on validation: tolerance 0 picks
     the curve's best (the first on a tie), a tolerance the largest offset within it; the export carries it
@@ -226,6 +267,13 @@ def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(succ
     wide = choose_new_item_offset(loose, EvalContext.build(loose), out / "best")
     within = [c["offset"] for c in wide["curve"] if c["ndcg@10"] >= 0.5 * max(ndcg)]
     assert wide["offset"] == max(within) >= choice["offset"]
+    # the tolerance's edge is bisected between the chosen grid point and the next (4 more points), unless the
+    # grid's last point is still within it; every point beyond the chosen offset is outside the tolerance
+    grid = [wide["scale"] * step / 4 for step in range(17)]
+    extra = [c["offset"] for c in wide["curve"] if min(abs(c["offset"] - g) for g in grid) > 1e-9]
+    assert len(extra) == (0 if wide["offset"] == grid[-1] else 4)
+    assert all(max(within) - wide["scale"] / 4 <= o <= max(within) + wide["scale"] / 4 for o in extra)
+    assert all(c["ndcg@10"] < 0.5 * max(ndcg) for c in wide["curve"] if c["offset"] > wide["offset"])
     assert float(hybrid_scorer(out / "best", 20).model.new_offset) == pytest.approx(wide["offset"])
     # too few validation users with an untrained target: no evidence, no offset
     few = hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.new_item_tolerance=0.5",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from jepa4rec_dist.config import Config
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
@@ -26,7 +27,7 @@ from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.buckets import setting_masks
 from jepa4rec_dist.eval.context import EvalContext, code_version
 from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult, protocol_name, top_k
-from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
+from jepa4rec_dist.eval.model_scorer import EncoderScorer
 from jepa4rec_dist.eval.ranks import slug, write_ranks
 from jepa4rec_dist.model import build_encoder
 from jepa4rec_dist.model.checkpoint import load_export
@@ -44,8 +45,9 @@ def dataset(cfg: Config) -> tuple[Path, TokenizerInfo, ItemTable]:
 
 def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTable, progress: bool = True,
                  name: str | None = None) -> EncoderScorer:
-    """An export as a scorer: its finetuned item table if it has one, else the catalogue encoded now; a
-    hybrid (item-vector) export scores from its own saved tables."""
+    """An export as a scorer: its finetuned item table if it has one, else the catalogue's vectors through it
+    (encoded once, cached in the dataset's item_vectors/); a hybrid (item-vector) export scores from its own
+    saved tables."""
     device = resolve_device(cfg.train.device)
     from jepa4rec_dist.hybrid.scorer import hybrid_scorer, is_hybrid_export
 
@@ -60,8 +62,14 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
     item_table = extra.get("item_table")
     if item_table is not None and item_table.shape[0] != table.num_items:
         raise ValueError(f"{model_dir}: item table has {item_table.shape[0]} rows, the dataset has {table.num_items} items")
-    if item_table is None:
-        item_table = encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress)
+    if item_table is None:  # the catalogue through this export: the item-vector cache (`hybrid.vectors`) when it
+        # matches (the hybrid model over this export wrote it, or an earlier evaluation), else encoded and cached
+        from jepa4rec_dist.hybrid.vectors import item_vectors
+
+        vectors, _ = item_vectors(cfg, cfg.data.out_dir, str(model_dir), progress, stale_ok=True)
+        if vectors.shape[0] != table.num_items:
+            raise ValueError(f"{model_dir}: item vectors have {vectors.shape[0]} rows, the dataset has {table.num_items} items")
+        item_table = torch.from_numpy(vectors)
     kind = "finetuned" if "item_table" in extra else "zero-shot"
     return EncoderScorer(encoder, item_table.to(device), meta.get("temperature", cfg.finetune.temperature), device,
                          name=name or f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind})")
@@ -93,7 +101,8 @@ def evaluate_method(cfg: Config, scorer, split: str = "test", progress: bool = T
                     ctx: EvalContext | None = None, fit: dict | None = None, name: str | None = None) -> Evaluated:
     ctx = ctx or EvalContext.build(cfg)
     t0 = time.perf_counter()
-    result = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, split, progress, exclude_history=ctx.exclude_history)
+    result = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, split, progress, max_users=cfg.eval.max_users,
+                      exclude_history=ctx.exclude_history)
     return Evaluated(name or scorer.name, split, result, seconds_fit + time.perf_counter() - t0, fit or {})
 
 
@@ -143,7 +152,7 @@ def write_evaluation(out_json: str | Path, cfg: Config, ctx: EvalContext, evalua
     version = code_version()
     common = {"split": split, **ctx.dataset_info(), "primary_protocol": protocol_name(ctx.exclude_history),
               "ks": list(cfg.eval.ks), "buckets": ctx.buckets.edges(),
-              "low_resource_fraction": cfg.finetune.low_resource_fraction, **version}
+              "low_resource_fraction": cfg.finetune.low_resource_fraction, "max_users": cfg.eval.max_users, **version}
     methods, rows, used = [], [], set()
     for ev in evaluated:
         entry = {"method": ev.name, "seconds": round(ev.seconds, 1), "fit": ev.fit}

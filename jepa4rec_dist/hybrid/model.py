@@ -81,6 +81,10 @@ class HybridConfig:
     dropout: float = 0.2
     max_len: int = 50
     epochs: int = 300  # a cap: training stops when validation NDCG@10 stops improving
+    # a compute budget (0: none): training stops after this many optimizer steps, mid-epoch if need be (that
+    # partial epoch is validated and is the last); unlike an epoch cap it means the same compute for a
+    # 5%-of-users run as for the full data, which then stops by patience instead
+    max_steps: int = 0
     patience: int = 10
     batch_size: int = 32  # training windows per step (global: split over the ranks)
     lr: float = 1e-3
@@ -106,6 +110,8 @@ class HybridConfig:
             raise ValueError(f"{prefix}.id_dropout: must be in [0, 1), got {self.id_dropout}")
         if self.id_dropout and self.mode != "hybrid":
             raise ValueError(f"{prefix}.id_dropout needs {prefix}.mode=hybrid (it drops IDs in favour of text)")
+        if self.max_steps < 0:
+            raise ValueError(f"{prefix}.max_steps: must be >= 0 (0: no step budget), got {self.max_steps}")
         if self.lr <= 0 or self.patience < 0 or self.weight_decay < 0 or self.clip_norm < 0:
             raise ValueError(f"{prefix}: lr must be > 0; patience, weight_decay, clip_norm >= 0")
         unknown = sorted(set(self.align) - {"mmd", "contrastive"})

@@ -153,22 +153,28 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     model = engine.module.model
     metrics = MetricsLog(out / "metrics.jsonl") if main else None
     ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_last)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": None, "stale": 0, "history": []}
+    state = {"epoch": 0, "steps": 0, "best": -1.0, "best_epoch": None, "stale": 0, "history": []}
     tag = ckpts.latest()
     if tag is not None:
         engine.load_checkpoint(ckpts.folder, tag)
         client = ckpts.load_client(tag, runtime.rank)
         state = client["state"]
         set_rng_state(client["rng"])
+        state.setdefault("steps", state["epoch"] * math.ceil(len(inputs) / hc.batch_size))  # older checkpoints
         if main:
             log.info("resumed from %s (epoch %d, best %s)", ckpts.folder / tag, state["epoch"], state["best_epoch"])
             kept = [r for r in metrics.read() if r.get("epoch", 0) <= state["epoch"]]  # a killed epoch's row goes
             metrics.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     identity = {"text": text_identity, "dataset": ctx.dataset_info(), "primary_protocol": ctx.exclude_history}
 
-    while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience):
+    def budget_left() -> bool:
+        return not hc.max_steps or state["steps"] < hc.max_steps
+
+    while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience) and budget_left():
         epoch = state["epoch"] + 1
-        row = _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress)
+        limit = hc.max_steps - state["steps"] if hc.max_steps else None
+        row = _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress, limit)
+        state["steps"] += row["steps"]
         valid = _validate(engine, model, cfg, ctx, runtime, progress)
         if main:
             improved = valid["ndcg@10"] > state["best"]
@@ -184,6 +190,11 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         state["epoch"] = epoch
         _checkpoint(engine, ckpts, epoch, state, runtime)
     result = None
+    if main and _stopped_by(hc, state) != "patience" and hc.patience and state["best_epoch"] is not None \
+            and state["epoch"] - state["best_epoch"] < hc.patience:
+        log.warning("hybrid: still improving at the %s (%d epochs, %d steps, best epoch %d): raise hybrid.%s",
+                    _stopped_by(hc, state), state["epoch"], state["steps"], state["best_epoch"],
+                    "max_steps" if _stopped_by(hc, state) == "step budget" else "epochs")
     if main:
         if state["best_epoch"] is not None:
             state["new_item_offset"] = choose_new_item_offset(cfg, ctx, out / "best")
@@ -192,13 +203,14 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     return broadcast_value(result)
 
 
-def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress) -> dict:
+def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress, limit=None) -> dict:
+    """One pass over the training windows in a seeded order (at most `limit` steps: `hybrid.max_steps`)."""
     from tqdm.auto import tqdm
 
     hc = cfg.hybrid
     objective.train()
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(hc.seed * 100_003 + epoch))
-    batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)]
+    batches = [order[i:i + hc.batch_size] for i in range(0, len(order), hc.batch_size)][:limit]
     t0, rec_sum, n_targets, parts_sum = time.perf_counter(), 0.0, 0, {}
     bar = tqdm(batches, desc=f"hybrid e{epoch}", unit="batch", disable=None if (progress and runtime.is_main) else True, leave=False)
     n_items = objective.model.num_items
@@ -226,7 +238,7 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
         total = torch.tensor([rec_sum], dtype=torch.float64)
         torch.distributed.all_reduce(total)
         rec_sum = float(total[0])
-    return {"epoch": epoch, "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
+    return {"epoch": epoch, "steps": len(batches), "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
             "targets_per_s": round(n_targets / seconds, 1), "seconds": round(seconds, 1),
             **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}
 
@@ -250,8 +262,9 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
 
     Grid: 0 .. 4 in steps of 1/4 of the score scale (the mean over the first validation batch's users of
     the standard deviation of their scores over the catalogue). Chosen: the largest offset whose all-user
-    validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie);
-    0 when fewer than `hybrid.new_item_min_users` validation users have an untrained target.
+    validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie),
+    refined by 4 bisection steps between that grid point and the next; 0 when fewer than
+    `hybrid.new_item_min_users` validation users have an untrained target.
     """
     import itertools
 
@@ -283,16 +296,30 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     elif new_users.any():
         with torch.no_grad():
             scale = float((scorer.user_state(batches[0]) @ scorer.table.T).std(dim=1).mean())
-        curve = []
-        for step in range(17):
-            model.new_offset.fill_(scale * step / 4)
-            res = first if step == 0 else validate()
-            curve.append({"offset": scale * step / 4, "ndcg@10": res.metrics["ndcg@10"],
-                          "new_items_ndcg@10": res.subset(new_users)["ndcg@10"],
-                          "trained_items_ndcg@10": res.subset(~new_users)["ndcg@10"] if (~new_users).any() else None})
+
+        def point(offset: float) -> dict:
+            model.new_offset.fill_(offset)
+            res = first if offset == 0 else validate()
+            return {"offset": offset, "ndcg@10": res.metrics["ndcg@10"],
+                    "new_items_ndcg@10": res.subset(new_users)["ndcg@10"],
+                    "trained_items_ndcg@10": res.subset(~new_users)["ndcg@10"] if (~new_users).any() else None}
+
+        curve = [point(scale * step / 4) for step in range(17)]
         best = max(c["ndcg@10"] for c in curve)
-        ok = [c for c in curve if c["ndcg@10"] >= (1 - hc.new_item_tolerance) * best]
+        floor = (1 - hc.new_item_tolerance) * best
+        ok = [c for c in curve if c["ndcg@10"] >= floor]
         chosen = max(ok, key=lambda c: c["offset"]) if hc.new_item_tolerance > 0 else ok[0]
+        if hc.new_item_tolerance > 0 and chosen is not curve[-1]:
+            # the tolerance's edge lies between the chosen grid point and the next: bisect it (to 1/64 std)
+            low, high = chosen["offset"], chosen["offset"] + scale / 4
+            for _ in range(4):
+                mid = point((low + high) / 2)
+                curve.append(mid)
+                if mid["ndcg@10"] >= floor:
+                    low, chosen = mid["offset"], mid
+                else:
+                    high = mid["offset"]
+            curve.sort(key=lambda c: c["offset"])
         choice.update(offset=chosen["offset"], scale=scale, chosen=chosen, curve=curve)
         log.info("new-item offset %.4f (tolerance %.2f, %d validation users with a new target): valid ndcg@10 %.4f "
                  "(best %.4f), new items %.4f", chosen["offset"], hc.new_item_tolerance, int(new_users.sum()),
@@ -340,6 +367,14 @@ def _checkpoint(engine, ckpts: Checkpoints, epoch: int, state: dict, runtime) ->
     runtime.barrier()
 
 
+def _stopped_by(hc, state: dict) -> str:
+    if hc.patience and state["stale"] >= hc.patience:
+        return "patience"
+    if hc.max_steps and state.get("steps", 0) >= hc.max_steps:
+        return "step budget"
+    return "epoch cap"
+
+
 def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
     from jepa4rec_dist.eval.run import Evaluated, write_evaluation
     from jepa4rec_dist.hybrid.scorer import hybrid_scorer
@@ -350,7 +385,8 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
     offset = state.get("new_item_offset") or {}
     fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
            "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1),
-           "new_item_offset": offset.get("offset", 0.0), "new_item_tolerance": cfg.hybrid.new_item_tolerance}
+           "new_item_offset": offset.get("offset", 0.0), "new_item_tolerance": cfg.hybrid.new_item_tolerance,
+           "steps": state.get("steps"), "stopped": _stopped_by(cfg.hybrid, state)}
     if offset.get("chosen"):
         fit["valid_ndcg@10_at_offset"] = offset["chosen"]["ndcg@10"]
     if not cfg.hybrid.test_at_end:

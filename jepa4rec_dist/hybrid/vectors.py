@@ -95,20 +95,24 @@ def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray
 
 
 def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refresh: bool = False,
-                 ray_actors: int = 0) -> tuple[np.ndarray, dict]:
-    """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached."""
+                 ray_actors: int = 0, stale_ok: bool = False) -> tuple[np.ndarray, dict]:
+    """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached.
+    A stale cache is an error, unless `stale_ok` (evaluation: nothing was trained on it), which re-encodes."""
     npy, meta_path = cache_paths(root, source)
     want = identity(cfg, root, source)
     if npy.is_file() and meta_path.is_file() and not refresh:
         have = json.loads(meta_path.read_text())
         stale = [k for k in want if have.get(k) != want[k]]
-        if stale:
+        if stale and stale_ok:
+            log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
+        elif stale:
             raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
                              f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
                              "or pass --hybrid.refresh_vectors=true")
-        vectors = np.load(npy)
-        log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
-        return vectors, have
+        else:
+            vectors = np.load(npy)
+            log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
+            return vectors, have
     vectors = encode_source(cfg, root, source, progress, ray_actors)
     npy.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(npy, lambda tmp: save_npy(tmp, vectors))  # two runs may fill the same cache at once
