@@ -228,6 +228,9 @@ def test_step_budget_stops_mid_epoch_and_resumes_to_the_same_run(successor, tmp_
     assert one["fit"]["steps"] == per_epoch
     assert [r["steps"] for r in resumed["history"]] == [per_epoch, budget - per_epoch]
     assert resumed["fit"] == {**resumed["fit"], "epochs": 2, "steps": budget, "stopped": "step budget"}
+    # wall time: training + validation + checkpoints, summed over the resumed runs
+    assert resumed["fit"]["wall_seconds"] >= one["fit"]["wall_seconds"] >= one["fit"]["train_seconds"] > 0
+    assert resumed["fit"]["wall_seconds"] >= resumed["fit"]["train_seconds"]
     straight = finetune(hybrid_cfg(successor, tmp_path / "s", f"--hybrid.max_steps={budget}", *args), progress=False)
     for a, b in zip(resumed["history"], straight["history"], strict=True):  # resumed = uninterrupted
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["steps"] == b["steps"]

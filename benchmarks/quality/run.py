@@ -125,7 +125,8 @@ def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], me
     result = json.loads((out / "result.json").read_text())
     fit = {**result["fit"], "text_from": cfg.hybrid.text_from if cfg.hybrid.mode != "id" else None}
     scorer = model_scorer(cfg, str(out / "best"), ctx.tok, ctx.table, progress=False, name=method)
-    return scorer, fit, result["fit"]["train_seconds"]
+    # the fit's own wall time (summed over resumed runs), not this call's: the caller adds the test evaluation
+    return scorer, fit, result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
 
 
 def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str], extra: list[str]) -> None:
@@ -181,6 +182,7 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
         t0 = time.perf_counter()
         if method in HYBRID:
             scorer, fit, prior = fit_hybrid(recipe, folder, new_items, extra, method, ctx)
+            t0 = time.perf_counter()  # the fit's time is in `prior` (counting it twice overstated these rows)
         elif method.startswith("jepa4rec"):
             tuned = method == "jepa4rec-finetuned"
             scorer = model_scorer(cfg, str(best if tuned else export), ctx.tok, ctx.table, progress=False, name=method)

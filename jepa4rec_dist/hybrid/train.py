@@ -153,7 +153,7 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     model = engine.module.model
     metrics = MetricsLog(out / "metrics.jsonl") if main else None
     ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_last)
-    state = {"epoch": 0, "steps": 0, "best": -1.0, "best_epoch": None, "stale": 0, "history": []}
+    state = {"epoch": 0, "steps": 0, "wall_seconds": 0.0, "best": -1.0, "best_epoch": None, "stale": 0, "history": []}
     tag = ckpts.latest()
     if tag is not None:
         engine.load_checkpoint(ckpts.folder, tag)
@@ -161,6 +161,7 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         state = client["state"]
         set_rng_state(client["rng"])
         state.setdefault("steps", state["epoch"] * math.ceil(len(inputs) / hc.batch_size))  # older checkpoints
+        state.setdefault("wall_seconds", _train_seconds(state))  # older checkpoints: their training seconds only
         if main:
             log.info("resumed from %s (epoch %d, best %s)", ckpts.folder / tag, state["epoch"], state["best_epoch"])
             kept = [r for r in metrics.read() if r.get("epoch", 0) <= state["epoch"]]  # a killed epoch's row goes
@@ -171,6 +172,7 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         return not hc.max_steps or state["steps"] < hc.max_steps
 
     while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience) and budget_left():
+        t_epoch = time.perf_counter()
         epoch = state["epoch"] + 1
         limit = hc.max_steps - state["steps"] if hc.max_steps else None
         row = _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress, limit)
@@ -188,6 +190,8 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
             state["history"].append(row)
         state = broadcast_value(state)
         state["epoch"] = epoch
+        # wall time of the fit (training, validation, checkpoints), summed over resumed runs
+        state["wall_seconds"] += time.perf_counter() - t_epoch
         _checkpoint(engine, ckpts, epoch, state, runtime)
     result = None
     if main and _stopped_by(hc, state) != "patience" and hc.patience and state["best_epoch"] is not None \
@@ -197,7 +201,9 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
                     "max_steps" if _stopped_by(hc, state) == "step budget" else "epochs")
     if main:
         if state["best_epoch"] is not None:
+            t_offset = time.perf_counter()
             state["new_item_offset"] = choose_new_item_offset(cfg, ctx, out / "best")
+            state["offset_seconds"] = time.perf_counter() - t_offset
         result = _finish(cfg, ctx, out, state)
     runtime.barrier()
     return broadcast_value(result)
@@ -367,6 +373,10 @@ def _checkpoint(engine, ckpts: Checkpoints, epoch: int, state: dict, runtime) ->
     runtime.barrier()
 
 
+def _train_seconds(state: dict) -> float:
+    return round(sum(r.get("seconds", 0) for r in state["history"]), 1)
+
+
 def _stopped_by(hc, state: dict) -> str:
     if hc.patience and state["stale"] >= hc.patience:
         return "patience"
@@ -384,7 +394,10 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
         raise ValueError(f"{out}: no epoch was validated (hybrid.epochs={cfg.hybrid.epochs})")
     offset = state.get("new_item_offset") or {}
     fit = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best"],
-           "train_seconds": round(sum(r.get("seconds", 0) for r in state["history"]), 1),
+           "train_seconds": _train_seconds(state),
+           # the fit's wall time: training, validation, checkpoints and the offset search (runs whose checkpoints
+           # predate this field count their earlier epochs' training seconds only)
+           "wall_seconds": round(state["wall_seconds"] + state.get("offset_seconds", 0), 1),
            "new_item_offset": offset.get("offset", 0.0), "new_item_tolerance": cfg.hybrid.new_item_tolerance,
            "steps": state.get("steps"), "stopped": _stopped_by(cfg.hybrid, state)}
     if offset.get("chosen"):
