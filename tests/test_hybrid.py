@@ -75,6 +75,15 @@ def test_vector_cache_is_reused_and_a_changed_export_is_an_error(uneven_dataset,
         direct = encode_items(encoder, table, tok, cfg.sequence, 16, "cpu", False)
     assert torch.allclose(scorer.table, direct, atol=1e-6) and not np.allclose(scorer.table.numpy(), fresh)
     assert json.loads(meta.read_text())["weights_sha256"] != ident2["weights_sha256"]  # the cache was rewritten
+    # a dataset folder where the cache cannot be written: the vectors are still returned (and said so)
+    import shutil
+
+    blocked = tmp_path / "blocked"
+    shutil.copytree(root, blocked, ignore=shutil.ignore_patterns("item_vectors"))
+    (blocked / "item_vectors").write_text("a file where the cache folder would go")
+    cfg_b = load_config(TINY, [f"--data.out_dir={blocked}", "--loader.num_workers=0"])
+    vec_b, _ = item_vectors(cfg_b, blocked, export, progress=False)
+    assert np.allclose(vec_b, scorer.table.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "text", "id"])

@@ -114,11 +114,16 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
             log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
             return vectors, have
     vectors = encode_source(cfg, root, source, progress, ray_actors)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(npy, lambda tmp: save_npy(tmp, vectors))  # two runs may fill the same cache at once
     meta = {**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
+    try:
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(npy, lambda tmp: save_npy(tmp, vectors))  # two runs may fill the same cache at once
+        atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    except OSError as err:  # a read-only dataset folder: the vectors are still right, only not kept
+        log.warning("item vectors: could not cache them in %s (%s): they will be encoded again next time",
+                    npy.parent, err)
+    else:
+        log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
     return vectors, want
 
 
