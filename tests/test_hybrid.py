@@ -181,9 +181,15 @@ def test_id_dropout_zeroes_the_dropped_items_ids_in_inputs_and_keys():
         HybridConfig(mode="text", id_dropout=0.1).validate("hybrid")
 
 
-def test_text_model_scores_an_item_added_after_training(successor, tmp_path):
+def test_text_model_scores_an_item_added_after_training(successor, tmp_path, capsys):
     result = finetune(hybrid_cfg(successor, tmp_path / "text", "--hybrid.mode=text"), progress=False)
     assert result["test"]["recall@10"] == 1.0
+    # `jepa4rec recommend` from the export: after i3, i4 the successor i5 ranks first, the history never
+    capsys.readouterr()
+    assert main(["recommend", "--data", str(successor), "--model", str(tmp_path / "text" / "best"),
+                 "--history", "i3", "i4", "-k", "3", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert recs[0]["item_id"] == "i5" and not {"i3", "i4"} & {r["item_id"] for r in recs}
     scorer = hybrid_scorer(tmp_path / "text" / "best", 20)
     vectors, _ = item_vectors(hybrid_cfg(successor, tmp_path), successor, "minilm", progress=False)
     # a new listing with item 5's text: after item 4 it must come first or second (tied with item 5)
