@@ -194,11 +194,12 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         state["wall_seconds"] += time.perf_counter() - t_epoch
         _checkpoint(engine, ckpts, epoch, state, runtime)
     result = None
-    if main and _stopped_by(hc, state) != "patience" and hc.patience and state["best_epoch"] is not None \
+    stopped = _stopped_by(hc, state)
+    if main and stopped != "patience" and hc.patience and state["best_epoch"] is not None \
             and state["epoch"] - state["best_epoch"] < hc.patience:
         log.warning("hybrid: still improving at the %s (%d epochs, %d steps, best epoch %d): raise hybrid.%s",
-                    _stopped_by(hc, state), state["epoch"], state["steps"], state["best_epoch"],
-                    "max_steps" if _stopped_by(hc, state) == "step budget" else "epochs")
+                    stopped, state["epoch"], state["steps"], state["best_epoch"],
+                    "max_steps" if stopped == "step budget" else "epochs")
     if main:
         if state["best_epoch"] is not None:
             t_offset = time.perf_counter()

@@ -103,16 +103,15 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
     if npy.is_file() and meta_path.is_file() and not refresh:
         have = json.loads(meta_path.read_text())
         stale = [k for k in want if have.get(k) != want[k]]
-        if stale and stale_ok:
-            log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
-        elif stale:
-            raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
-                             f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
-                             "or pass --hybrid.refresh_vectors=true")
-        else:
+        if not stale:
             vectors = np.load(npy)
             log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
             return vectors, have
+        if not stale_ok:
+            raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
+                             f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
+                             "or pass --hybrid.refresh_vectors=true")
+        log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
     vectors = encode_source(cfg, root, source, progress, ray_actors)
     meta = {**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
     try:
