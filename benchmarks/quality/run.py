@@ -6,7 +6,8 @@
 
 For each variant (`standard`; `new-items`: the same data with `--new-items-fraction` of the catalogue
 held out of training; `low-resource`: the standard data, every method trained on a seeded
-`--low-resource-fraction` of the users, text from raw MiniLM) it runs, each step skipped when its output exists (so a stopped run resumes):
+`--low-resource-fraction` of the users, text from raw MiniLM, every trained model stopped with
+`--low-resource-patience`) it runs, each step skipped when its output exists (so a stopped run resumes):
   prepare -> JEPA4Rec pretraining (train split only) -> two-stage finetuning -> evaluation of every
   method on the test split (`eval/<method>.json` + per-user ranks beside it).
 Methods (`--methods`): the pretrained export (zero-shot), the finetuned model, the baselines (popularity,
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--new-items-fraction", type=float, default=0.2)
     parser.add_argument("--low-resource-fraction", type=float, default=0.05, help="share of users, low-resource variant")
+    parser.add_argument("--low-resource-patience", type=int, default=10,
+                        help="patience (validations) of every trained model in the low-resource variant: its epochs are "
+                             "1/fraction times shorter, so a recipe's patience for long epochs would stop it at noise")
     parser.add_argument("--out", default="runs/quality", help="root of the run folders")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args, extra = parser.parse_known_args(argv)
@@ -232,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             # the standard data, training on a seeded share of its users; no model may have seen the other
             # users, so the text side is raw MiniLM and the token-level JEPA4Rec rows (pretrained on all of
             # this dataset's training users) are left out
+            patience = args.low_resource_patience
             low = [f"--data.out_dir={Path(args.out) / dataset / 'standard' / 'data'}",
-                   f"--finetune.low_resource_fraction={args.low_resource_fraction}", *extra]
+                   f"--finetune.low_resource_fraction={args.low_resource_fraction}",
+                   f"--baselines.sasrec.patience={patience}", f"--baselines.gru4rec.patience={patience}",
+                   f"--hybrid.patience={patience}", *extra]
             chosen = [m for m in methods if not m.startswith("jepa4rec")]
             run_variant(args.recipe, folder, 0.0, chosen, [*low, "--hybrid.text_from=minilm"])
         else:
