@@ -299,3 +299,53 @@ def test_new_item_offset_is_chosen_on_validation_and_scores_with_the_export(succ
     none = choose_new_item_offset(few, EvalContext.build(few), out / "best")
     assert none["offset"] == 0.0 and "curve" not in none
     assert float(hybrid_scorer(out / "best", 20).model.new_offset) == 0.0
+
+
+def test_new_item_offset_anchored_on_a_reference_export(successor, tmp_path):
+    """`hybrid.new_item_reference`: the offset is the smallest whose new-item validation NDCG@10 reaches
+    (1 - tolerance) x the reference's on the same users (bisected from the grid point before); a reference
+    trained on other data is an error naming both."""
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.hybrid.train import choose_new_item_offset
+    from jepa4rec_dist.train.finetune import run_eval
+    from tests.test_evaluation import prepare_new_items
+
+    data = tmp_path / "new"
+    prepare_new_items(successor, data)
+    common = ("--data.new_items.fraction=0.25", "--hybrid.new_item_min_users=2", "--hybrid.test_at_end=false")
+    text = tmp_path / "text"
+    finetune(hybrid_cfg(data, text, "--hybrid.mode=text", "--hybrid.epochs=4", *common), progress=False)
+    out = tmp_path / "h"
+    finetune(hybrid_cfg(data, out, "--hybrid.gating=none", "--hybrid.epochs=4", *common), progress=False)
+    offsets = []
+    for tolerance in (0.0, 0.5):
+        cfg = hybrid_cfg(data, out, "--hybrid.gating=none", *common, f"--hybrid.new_item_tolerance={tolerance}",
+                         f"--hybrid.new_item_reference={text / 'best'}")
+        ctx = EvalContext.build(cfg)
+        choice = choose_new_item_offset(cfg, ctx, out / "best")
+        # the reference's number, computed here through the harness on the validation split
+        res = run_eval(cfg, hybrid_scorer(text / "best", 20), ctx.root, ctx.tok, ctx.table, "valid", False,
+                       exclude_history=ctx.exclude_history)
+        expected = res.subset(ctx.train_counts[res.targets] == 0)["ndcg@10"]
+        ref = choice["reference"]
+        assert ref["new_items_ndcg@10"] == pytest.approx(expected, abs=1e-12)
+        assert ref["floor"] == pytest.approx((1 - tolerance) * expected)
+        reached = [c for c in choice["curve"] if c["new_items_ndcg@10"] >= ref["floor"]]
+        if reached:  # the smallest offset that reaches the floor; every smaller one misses it
+            assert choice["chosen"]["new_items_ndcg@10"] >= ref["floor"] and choice["offset"] == min(c["offset"] for c in reached)
+            assert all(c["new_items_ndcg@10"] < ref["floor"] for c in choice["curve"] if c["offset"] < choice["offset"])
+        else:
+            assert choice["chosen"]["new_items_ndcg@10"] == max(c["new_items_ndcg@10"] for c in choice["curve"])
+        assert len(choice["curve"]) == (17 if choice["offset"] == 0 else 17 + 4)  # 4 bisection steps at an edge
+        assert float(hybrid_scorer(out / "best", 20).model.new_offset) == pytest.approx(choice["offset"])
+        offsets.append(choice["offset"])
+    assert offsets[0] > offsets[1] == 0.0  # on this toy data: the strict floor needs an offset, the loose one none
+    other = tmp_path / "other"  # the standard split: another catalogue state and dataset identity
+    finetune(hybrid_cfg(successor, other, "--hybrid.mode=text", "--hybrid.epochs=1", "--hybrid.test_at_end=false"),
+             progress=False)
+    bad = hybrid_cfg(data, out, "--hybrid.gating=none", *common, f"--hybrid.new_item_reference={other / 'best'}")
+    with pytest.raises(ValueError, match=r"new_item_reference=.*other/best: trained on another dataset"):
+        choose_new_item_offset(bad, EvalContext.build(bad), out / "best")
+    with pytest.raises(ValueError, match=r"new_item_reference=.*missing: not an item-vector export"):
+        finetune(hybrid_cfg(data, tmp_path / "x", *common, f"--hybrid.new_item_reference={tmp_path / 'missing'}"),
+                 progress=False)

@@ -41,8 +41,25 @@ def test_runner_then_report(tmp_path):
     low = json.loads((runs / "generic/low-resource/eval/sasrec.json").read_text())
     assert low["low_resource_fraction"] == 0.5 and low["methods"][0]["fit"]["windows_per_epoch"] < \
         json.loads((runs / "generic/standard/eval/sasrec.json").read_text())["methods"][0]["fit"]["windows_per_epoch"]
+    # new-items variant: the model with IDs anchors its new-item offset on the text-only fit, trained first
+    fits = runs / "generic/new-items/hybrid"
+    reference = yaml.safe_load((fits / "hybrid-minilm-text/config.yaml").read_text())["hybrid"]
+    assert reference["mode"] == "text" and reference["text_from"] == "minilm" and reference["new_item_reference"] is None
+    assert yaml.safe_load((fits / "hybrid-minilm/config.yaml").read_text())["hybrid"]["new_item_reference"] == \
+        str(fits / "hybrid-minilm-text/best")
+    assert yaml.safe_load((fits / "hybrid-id/config.yaml").read_text())["hybrid"]["new_item_reference"] is None
+    # a fit finished under the older offset rule (no reference) is re-finished by the next run, not re-trained
+    saved = yaml.safe_load((fits / "hybrid-minilm/config.yaml").read_text())
+    saved["hybrid"]["new_item_reference"] = None
+    (fits / "hybrid-minilm/config.yaml").write_text(yaml.safe_dump(saved))
+    (runs / "generic/new-items/eval/hybrid-minilm.json").unlink()
+    trained = [json.loads(x)["epoch"] for x in (fits / "hybrid-minilm/metrics.jsonl").read_text().splitlines()]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # resumes: nothing to do
     assert "sasrec: done" in again.stderr
+    assert "hybrid-minilm: the new-item offset rule changed" in again.stderr
+    assert [json.loads(x)["epoch"] for x in (fits / "hybrid-minilm/metrics.jsonl").read_text().splitlines()] == trained
+    assert yaml.safe_load((fits / "hybrid-minilm/config.yaml").read_text())["hybrid"]["new_item_reference"] == \
+        str(fits / "hybrid-minilm-text/best")
 
     out = tmp_path / "report"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/quality/report.py"), "--runs", str(runs),

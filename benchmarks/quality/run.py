@@ -47,7 +47,18 @@ HYBRID = {
     "hybrid-noiddrop": ["--hybrid.id_dropout=0"],  # without ID dropout
     "hybrid-minilm": ["--hybrid.text_from=minilm"],  # text from raw MiniLM instead of the JEPA4Rec export
 }
+# Fits that only anchor others' new-item offsets (new-items variant): the text-only mode with the text source
+# of the model it serves (`reference_fit`)
+REFERENCE_FITS = {"hybrid-text": HYBRID["hybrid-text"],
+                  "hybrid-minilm-text": [*HYBRID["hybrid-minilm"], *HYBRID["hybrid-text"]]}
 log = logging.getLogger("quality")
+
+
+def reference_fit(method: str) -> str | None:
+    """The text-only fit that anchors `method`'s new-item offset (None: a model without IDs, or IDs only)."""
+    if method in ("hybrid-id", *REFERENCE_FITS):
+        return None
+    return "hybrid-minilm-text" if "--hybrid.text_from=minilm" in HYBRID[method] else "hybrid-text"
 
 
 def variant_config(recipe: str, folder: Path, new_items: float, extra: list[str]):
@@ -111,18 +122,42 @@ def timed(timing_path: Path, key: str, fn):
     return out
 
 
-def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, ctx):
-    """Train (or resume) one item-vector model of this variant; its scorer, fit report and seconds."""
-    from jepa4rec_dist.eval.run import model_scorer
+def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], method: str):
+    """Train (or resume, or re-finish) one item-vector model of this variant; its config and run folder.
+
+    In the new-items variant every model with text and IDs anchors its new-item offset on the text-only mode's
+    fit with the same text source (`hybrid.new_item_reference`, `reference_fit`), which is trained first. A finished fit whose offset rule differs from this
+    run's is re-finished: training resumes from its last checkpoint (nothing left to train), the offset is
+    chosen again on validation and `result.json` rewritten."""
+    from jepa4rec_dist.config import load_config
     from jepa4rec_dist.hybrid.train import train_hybrid
 
     out = folder / "hybrid" / method
     overrides = [f"--hybrid.text_from={Path(folder) / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
-                 "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra, *HYBRID[method]]
+                 "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra,
+                 *(HYBRID[method] if method in HYBRID else REFERENCE_FITS[method])]
+    if new_items > 0 and reference_fit(method):
+        reference = train_fit(recipe, folder, new_items, extra, reference_fit(method))[1] / "best"
+        overrides.append(f"--hybrid.new_item_reference={reference}")
     cfg = variant_config(recipe, folder, new_items, overrides)
-    if not (out / "result.json").is_file():
+    done = (out / "result.json").is_file()
+    if done and (out / "config.yaml").is_file():
+        before = load_config([str(out / "config.yaml")]).hybrid.new_item_reference
+        if before != cfg.hybrid.new_item_reference:
+            log.info("%s: the new-item offset rule changed (reference %s -> %s): re-finished", method, before,
+                     cfg.hybrid.new_item_reference)
+            done = False
+    if not done:
         log.info("train %s -> %s", method, out)
         train_hybrid(cfg, progress=False)
+    return cfg, out
+
+
+def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, ctx):
+    """Train (or resume) one item-vector model of this variant; its scorer, fit report and seconds."""
+    from jepa4rec_dist.eval.run import model_scorer
+
+    cfg, out = train_fit(recipe, folder, new_items, extra, method)
     result = json.loads((out / "result.json").read_text())
     fit = {**result["fit"], "text_from": cfg.hybrid.text_from if cfg.hybrid.mode != "id" else None}
     scorer = model_scorer(cfg, str(out / "best"), ctx.tok, ctx.table, progress=False, name=method)

@@ -75,6 +75,11 @@ class HybridConfig:
     # ... and only when at least this many validation users have an untrained target (else the offset is 0):
     # one or two such users are no evidence (a standard split has a handful of items seen only in validation)
     new_item_min_users: int = 30
+    # an export (e.g. this model's text-only mode, `mode: text`) that anchors the offset instead: the smallest
+    # offset whose validation NDCG@10 on the users with an untrained target is at least (1 - new_item_tolerance)
+    # x the reference's on the same users (the reference with its own offset), so new items are ranked about as
+    # well as a model without IDs ranks them, at the least cost to the other users; null: the all-user rule
+    new_item_reference: str | None = None
     hidden: int = 64
     layers: int = 2
     heads: int = 1

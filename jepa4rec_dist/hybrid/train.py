@@ -32,7 +32,7 @@ from jepa4rec_dist.baselines.sequential import IGNORE, training_windows
 from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.shards import iter_records
 from jepa4rec_dist.hybrid.model import HybridSeqRec
-from jepa4rec_dist.hybrid.scorer import HybridScorer, save_hybrid
+from jepa4rec_dist.hybrid.scorer import HybridScorer, is_hybrid_export, save_hybrid
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype
 from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
@@ -121,6 +121,9 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
 
     runtime = runtime or Runtime()
     hc, main = cfg.hybrid, runtime.is_main
+    if hc.new_item_reference and not is_hybrid_export(hc.new_item_reference):  # now, not after the training
+        raise ValueError(f"hybrid.new_item_reference={hc.new_item_reference}: not an item-vector export "
+                         "(a folder with config.json of format jepa4rec-hybrid, e.g. a text-mode fit's best/)")
     out, root = Path(hc.output_dir), Path(cfg.data.out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +275,10 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     validation NDCG@10 is >= (1 - tolerance) x the grid's best (tolerance 0: the best, the smallest on a tie),
     refined by 4 bisection steps between that grid point and the next; 0 when fewer than
     `hybrid.new_item_min_users` validation users have an untrained target.
+    With `hybrid.new_item_reference` (an export): the smallest offset whose NDCG@10 over the validation users
+    with an untrained target is >= (1 - tolerance) x the reference's over the same users, refined by 4
+    bisection steps between it and the grid point before; when no grid point reaches it, the offset with the
+    best new-item NDCG@10 (a warning says so).
     """
     import itertools
 
@@ -313,28 +320,67 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
 
         curve = [point(scale * step / 4) for step in range(17)]
         best = max(c["ndcg@10"] for c in curve)
-        floor = (1 - hc.new_item_tolerance) * best
-        ok = [c for c in curve if c["ndcg@10"] >= floor]
-        chosen = max(ok, key=lambda c: c["offset"]) if hc.new_item_tolerance > 0 else ok[0]
-        if hc.new_item_tolerance > 0 and chosen is not curve[-1]:
-            # the tolerance's edge lies between the chosen grid point and the next: bisect it (to 1/64 std)
-            low, high = chosen["offset"], chosen["offset"] + scale / 4
+        if hc.new_item_reference:
+            reference = _reference_new_items(hc.new_item_reference, meta, batches, cfg, ctx, new_users)
+            floor = (1 - hc.new_item_tolerance) * reference
+            chosen, key, edge = _anchored(curve, floor), "new_items_ndcg@10", -scale / 4
+            choice["reference"] = {"export": str(hc.new_item_reference), "new_items_ndcg@10": reference,
+                                   "floor": floor}
+            if chosen is None:
+                chosen = max(curve, key=lambda c: c["new_items_ndcg@10"])
+                log.warning("new-item offset: no offset reaches %.4f on the new-item users (the reference %s: %.4f); "
+                            "chosen: the best, %.4f", floor, hc.new_item_reference, reference,
+                            chosen["new_items_ndcg@10"])
+                edge = 0.0
+            elif chosen is curve[0]:
+                edge = 0.0
+        else:
+            floor, key, edge = (1 - hc.new_item_tolerance) * best, "ndcg@10", scale / 4
+            ok = [c for c in curve if c["ndcg@10"] >= floor]
+            chosen = max(ok, key=lambda c: c["offset"]) if hc.new_item_tolerance > 0 else ok[0]
+            if not hc.new_item_tolerance or chosen is curve[-1]:
+                edge = 0.0
+        if edge:
+            # the rule's edge lies between the chosen grid point and its neighbour: bisect it (to 1/64 std)
+            inside, outside = chosen["offset"], chosen["offset"] + edge
             for _ in range(4):
-                mid = point((low + high) / 2)
+                mid = point((inside + outside) / 2)
                 curve.append(mid)
-                if mid["ndcg@10"] >= floor:
-                    low, chosen = mid["offset"], mid
+                if mid[key] >= floor:
+                    inside, chosen = mid["offset"], mid
                 else:
-                    high = mid["offset"]
+                    outside = mid["offset"]
             curve.sort(key=lambda c: c["offset"])
         choice.update(offset=chosen["offset"], scale=scale, chosen=chosen, curve=curve)
-        log.info("new-item offset %.4f (tolerance %.2f, %d validation users with a new target): valid ndcg@10 %.4f "
-                 "(best %.4f), new items %.4f", chosen["offset"], hc.new_item_tolerance, int(new_users.sum()),
-                 chosen["ndcg@10"], best, chosen["new_items_ndcg@10"])
+        log.info("new-item offset %.4f (tolerance %.2f%s, %d validation users with a new target): valid ndcg@10 "
+                 "%.4f (best %.4f), new items %.4f", chosen["offset"], hc.new_item_tolerance,
+                 f" of the reference's {choice['reference']['new_items_ndcg@10']:.4f}" if "reference" in choice else "",
+                 int(new_users.sum()), chosen["ndcg@10"], best, chosen["new_items_ndcg@10"])
     model.new_offset.fill_(choice["offset"])
     rest = {k: v for k, v in meta.items() if k not in ("format", "hybrid", "num_items")}
     save_hybrid(folder, model, {**rest, "new_item_offset": choice})
     return choice
+
+
+def _reference_new_items(reference: str, meta: dict, batches: list, cfg: Config, ctx, new_users: np.ndarray) -> float:
+    """Validation NDCG@10 of the export `reference` (with its own new-item offset) over the users whose target
+    has no training interaction, on the batches the offset is chosen on."""
+    from jepa4rec_dist.eval.harness import evaluate
+    from jepa4rec_dist.hybrid.scorer import load_hybrid
+
+    model, ref_meta = load_hybrid(reference)
+    if model.num_items != meta["num_items"] or ref_meta.get("dataset") != meta.get("dataset"):
+        raise ValueError(f"hybrid.new_item_reference={reference}: trained on another dataset or split "
+                         f"({ref_meta.get('dataset')}, {model.num_items} items) than this model "
+                         f"({meta.get('dataset')}, {meta['num_items']} items)")
+    res = evaluate(HybridScorer(model, "reference"), batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
+                   exclude_history=ctx.exclude_history, progress=False)
+    return float(res.subset(new_users)["ndcg@10"])
+
+
+def _anchored(curve: list[dict], floor: float) -> dict | None:
+    """The smallest offset of the grid whose new-item NDCG@10 reaches `floor` (None: none does)."""
+    return next((c for c in curve if c["new_items_ndcg@10"] >= floor), None)
 
 
 def _copy(model: HybridSeqRec) -> HybridSeqRec:
