@@ -48,6 +48,11 @@ def test_vector_cache_is_reused_and_a_changed_export_is_an_error(uneven_dataset,
     assert npy.is_file() and json.loads(meta.read_text())["weights_sha256"] == ident["weights_sha256"]
     again, _ = item_vectors(cfg, root, export, progress=False)
     assert np.array_equal(first, again)  # read back, not re-encoded
+    link = tmp_path / "same-export"  # the same export under another name (a link, a relative path): reused
+    link.symlink_to(Path(export).resolve())
+    np.save(npy, first + 1.0)  # a marker: a re-encode would overwrite it
+    assert np.array_equal(item_vectors(cfg, root, str(link), progress=False)[0], first + 1.0)
+    np.save(npy, first)
     weights = load_file(str(Path(export) / "model.safetensors"))  # the export changes in place (a re-run)
     weights["encoder.embeddings.word_embeddings.weight"] += 0.01
     save_file(weights, str(Path(export) / "model.safetensors"))
@@ -349,3 +354,23 @@ def test_new_item_offset_anchored_on_a_reference_export(successor, tmp_path):
     with pytest.raises(ValueError, match=r"new_item_reference=.*missing: not an item-vector export"):
         finetune(hybrid_cfg(data, tmp_path / "x", *common, f"--hybrid.new_item_reference={tmp_path / 'missing'}"),
                  progress=False)
+
+
+def test_low_resource_counts_are_the_subsets_own(successor, tmp_path):
+    """On a low-resource run the model's item counts (the gate's input, the new-item offset's items) are
+    those of the users it trains on, not of the full train split it never saw."""
+    from jepa4rec_dist.data.prepare import low_resource_dataset
+    from jepa4rec_dist.data.shards import iter_records
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.harness import item_counts
+
+    out = tmp_path / "low"
+    cfg = hybrid_cfg(successor, out, "--hybrid.epochs=1", "--finetune.low_resource_fraction=0.05",
+                     "--hybrid.test_at_end=false")
+    finetune(cfg, progress=False)
+    subset = item_counts(iter_records(low_resource_dataset(successor, 0.05, cfg.finetune.seed), "train"), 20)
+    full = EvalContext.build(cfg).train_counts
+    assert ((subset == 0) & (full > 0)).any()  # the subset leaves out items the full split has
+    freq = hybrid_scorer(out / "best", 20).model.freq.numpy()
+    assert np.array_equal(freq == 0, subset == 0)
+    assert np.allclose(freq, np.log1p(subset) / np.log1p(subset.max()))

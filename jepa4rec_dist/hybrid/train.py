@@ -31,6 +31,7 @@ from jepa4rec_dist.baselines import check_records
 from jepa4rec_dist.baselines.sequential import IGNORE, training_windows
 from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.shards import iter_records
+from jepa4rec_dist.eval.harness import item_counts
 from jepa4rec_dist.hybrid.model import HybridSeqRec
 from jepa4rec_dist.hybrid.scorer import HybridScorer, is_hybrid_export, save_hybrid
 from jepa4rec_dist.train.distributed import broadcast_value
@@ -139,7 +140,11 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         runtime.barrier()
         vectors, text_identity = item_vectors(cfg, root, source, False)  # every rank: the cache rank 0 wrote
         text = torch.from_numpy(np.ascontiguousarray(vectors))
-    inputs, targets = training_windows(train_sequences(cfg, root, n_items, main, runtime), hc.max_len, "hybrid")
+    sequences = train_sequences(cfg, root, n_items, main, runtime)
+    # the counts of the data this model trains on (a low-resource subset's own, not the full split's): they
+    # are the gate's input and mark the items without training interactions (the new-item offset's items)
+    counts = item_counts(({"items": s} for s in sequences), n_items)
+    inputs, targets = training_windows(sequences, hc.max_len, "hybrid")
     train_rows = remap = None
     if ctx.new_items is not None:
         keep = np.ones(n_items, dtype=bool)
@@ -150,7 +155,7 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         remap = torch.full((n_items,), -1, dtype=torch.long)
         remap[train_rows] = torch.arange(len(train_rows))
     seed_everything(hc.seed)  # here, not earlier: encoding the vectors (or not, when cached) draws random numbers
-    model = HybridSeqRec(n_items, hc, text, torch.from_numpy(ctx.train_counts))
+    model = HybridSeqRec(n_items, hc, text, torch.from_numpy(counts))
     objective = HybridObjective(model, hc.loss_backend, train_rows, remap).to(device)
     engine = _engine(objective, cfg, runtime, device)
     model = engine.module.model
@@ -288,7 +293,7 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
 
     hc = cfg.hybrid
     model, meta = load_hybrid(folder)
-    untrained = ctx.train_counts == 0
+    untrained = (model.freq == 0).numpy()  # the items the model never trained on (the offset's items)
     loader = eval_loader(cfg, ctx.root, ctx.tok, ctx.table, "valid")
     n_batches = len(loader) if hc.valid_users is None else min(len(loader), -(-hc.valid_users // cfg.eval.batch_size))
     batches = list(itertools.islice(loader, n_batches))  # read once: the offset changes item scores only

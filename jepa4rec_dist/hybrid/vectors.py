@@ -8,7 +8,8 @@ L2-normalised). On a Ray cluster the catalogue is cut into batches and encoded o
 
 Cache: `<dataset>/item_vectors/<source slug>.npy` + `.json`. The JSON records the identity of what made the
 vectors: sha256 of the source's weights and config, sha256 of the dataset's items.parquet, pooling and
-sequence settings. Reading a cache whose identity differs from the source as it is now (a pretraining
+sequence settings (the source's name and folder are recorded, not compared: the same export named by a
+relative or an absolute path, or moved, reuses its cache). Reading a cache whose identity differs from the source as it is now (a pretraining
 re-run into the same folder, a re-prepared dataset) is an error naming the field, never a silent reuse;
 `refresh=True` rebuilds it. Trade-off: hashing the weights costs ~0.3 s per 100 MB on each load, which
 is what makes the check trustworthy.
@@ -30,6 +31,9 @@ from jepa4rec_dist.data.tokenization import minilm_model_dir
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "item_vectors"
+# recorded in a cache but not compared: how the source was named (a relative or absolute path, a moved
+# folder); what the vectors depend on is compared by content (sha256 of weights, config and catalogue)
+DESCRIPTIVE = ("source", "folder")
 
 
 def source_folder(source: str) -> Path:
@@ -102,7 +106,7 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
     want = identity(cfg, root, source)
     if npy.is_file() and meta_path.is_file() and not refresh:
         have = json.loads(meta_path.read_text())
-        stale = [k for k in want if have.get(k) != want[k]]
+        stale = [k for k in want if k not in DESCRIPTIVE and have.get(k) != want[k]]
         if not stale:
             vectors = np.load(npy)
             log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
