@@ -56,7 +56,7 @@ def test_runner_then_report(tmp_path):
     trained = [json.loads(x)["epoch"] for x in (fits / "hybrid-minilm/metrics.jsonl").read_text().splitlines()]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)  # resumes: nothing to do
     assert "sasrec: done" in again.stderr
-    assert "hybrid-minilm: the new-item offset rule changed" in again.stderr
+    assert "hybrid-minilm: the new-item offset rule changed ({'reference': None" in again.stderr
     assert [json.loads(x)["epoch"] for x in (fits / "hybrid-minilm/metrics.jsonl").read_text().splitlines()] == trained
     assert yaml.safe_load((fits / "hybrid-minilm/config.yaml").read_text())["hybrid"]["new_item_reference"] == \
         str(fits / "hybrid-minilm-text/best")

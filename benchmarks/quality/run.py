@@ -55,6 +55,13 @@ REFERENCE_FITS = {"hybrid-text": HYBRID["hybrid-text"],
 log = logging.getLogger("quality")
 
 
+def offset_rule(hc) -> dict:
+    """What a fit's new-item offset depends on besides the trained model (a reference by its resolved path)."""
+    ref = hc.new_item_reference
+    return {"reference": str(Path(ref).resolve()) if ref else None, "tolerance": hc.new_item_tolerance,
+            "min_users": hc.new_item_min_users}
+
+
 def reference_fit(method: str) -> str | None:
     """The text-only fit that anchors `method`'s new-item offset (None: a model without IDs, or IDs only)."""
     if method in ("hybrid-id", *REFERENCE_FITS):
@@ -127,9 +134,10 @@ def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], met
     """Train (or resume, or re-finish) one item-vector model of this variant; its config and run folder.
 
     In the new-items variant every model with text and IDs anchors its new-item offset on the text-only mode's
-    fit with the same text source (`hybrid.new_item_reference`, `reference_fit`), which is trained first. A finished fit whose offset rule differs from this
-    run's is re-finished: training resumes from its last checkpoint (nothing left to train), the offset is
-    chosen again on validation and `result.json` rewritten."""
+    fit with the same text source (`hybrid.new_item_reference`, `reference_fit`), which is trained first. A
+    finished fit whose offset rule (`offset_rule`) differs from this run's is re-finished: training resumes
+    from its last checkpoint (nothing left to train), the offset is chosen again on validation and
+    `result.json` rewritten."""
     from jepa4rec_dist.config import load_config
     from jepa4rec_dist.hybrid.train import train_hybrid
 
@@ -143,10 +151,9 @@ def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], met
     cfg = variant_config(recipe, folder, new_items, overrides)
     done = (out / "result.json").is_file()
     if done and (out / "config.yaml").is_file():
-        before = load_config([str(out / "config.yaml")]).hybrid.new_item_reference
-        if before != cfg.hybrid.new_item_reference:
-            log.info("%s: the new-item offset rule changed (reference %s -> %s): re-finished", method, before,
-                     cfg.hybrid.new_item_reference)
+        before, now = offset_rule(load_config([str(out / "config.yaml")]).hybrid), offset_rule(cfg.hybrid)
+        if before != now:
+            log.info("%s: the new-item offset rule changed (%s -> %s): re-finished", method, before, now)
             done = False
     if not done:
         log.info("train %s -> %s", method, out)

@@ -9,8 +9,9 @@ L2-normalised). On a Ray cluster the catalogue is cut into batches and encoded o
 Cache: `<dataset>/item_vectors/<source slug>.npy` + `.json`. The JSON records the identity of what made the
 vectors: sha256 of the source's weights and config, sha256 of the dataset's items.parquet, pooling and
 sequence settings (the source's name and folder are recorded, not compared: the same export named by a
-relative or an absolute path, or moved, reuses its cache). Reading a cache whose identity differs from the source as it is now (a pretraining
-re-run into the same folder, a re-prepared dataset) is an error naming the field, never a silent reuse;
+relative or an absolute path, or moved, reuses its cache). Reading a cache whose identity differs from the
+source as it is now (a pretraining re-run into the same folder, a re-prepared dataset) is an error naming
+the field, never a silent reuse;
 `refresh=True` rebuilds it. Trade-off: hashing the weights costs ~0.3 s per 100 MB on each load, which
 is what makes the check trustworthy.
 """
