@@ -203,6 +203,9 @@ def test_distributed_finetune_zero3_and_its_export(runs, tmp_path):
     assert [(h["stage"], h["epoch"]) for h in result["history"]][:3] == [(1, 0), (1, 1), (1, 2)]
     trained = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in x]
     assert len(trained) >= 2 and all(r["train_loss"] > 0 for r in trained)
+    # throughput counts both ranks: 3 steps of one rank's batches cannot reach it alone
+    batch = load_config([REPO / "configs/model/tiny.yaml"], []).finetune.batch_size  # per rank
+    assert all(3 * batch < r["targets"] <= 2 * 3 * batch and r["targets_per_s"] > 0 for r in trained)
     assert main(["evaluate", "--config", str(REPO / "configs/model/tiny.yaml"), "--data", str(root), "--model",
                  str(out / "best"), "--out", str(tmp_path / "e.json"), "--loader.num_workers=0"]) == 0
     doc = json.loads((tmp_path / "e.json").read_text())

@@ -76,6 +76,16 @@ def test_finetune_then_evaluate_export_gives_the_same_metrics(uneven_dataset, tm
         assert next(r for r in ft["rows"] if r["setting"] == "all" and r["protocol"] == protocol)["ndcg@10"] == \
             next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == protocol)["ndcg@10"]
     assert "ndcg@10" in capsys.readouterr().out
+    # throughput in the log rows: a target is one (history -> next item) pair, tokens the non-pad tokens of the
+    # histories and next items; one epoch reads one pair of every training user (pairs_per_user = 1)
+    from jepa4rec_dist.data.shards import iter_records
+
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train_loss" in r]
+    pairs = sum(1 for r in iter_records(root, "train") if len(r["items"]) >= 2)
+    assert len(trained) == 3 and all(r["targets"] == pairs for r in trained)
+    assert all(r["tokens"] > 2 * r["targets"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+               and r["targets_per_s"] == pytest.approx(r["targets"] / r["seconds"], rel=1e-3) for r in trained)
 
 
 def test_embed_and_recommend_cli(uneven_dataset, tmp_path, capsys):

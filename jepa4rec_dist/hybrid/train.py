@@ -250,7 +250,7 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
         bar.set_postfix(loss=f"{float(rec) / runtime.world:.3f}")
     seconds = time.perf_counter() - t0
     if runtime.distributed:  # the ranks' shares of the summed loss: the global mean, as one process logs it
-        total = torch.tensor([rec_sum], dtype=torch.float64)
+        total = torch.tensor([rec_sum], dtype=torch.float64, device=device)  # (NCCL reduces device tensors only)
         torch.distributed.all_reduce(total)
         rec_sum = float(total[0])
     return {"epoch": epoch, "steps": len(batches), "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.collate import Collator
 from jepa4rec_dist.data.items import ItemTable
-from jepa4rec_dist.data.loader import ShardLoader
+from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
 from jepa4rec_dist.data.prepare import low_resource_dataset, training_items
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
@@ -201,18 +201,26 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
 
     def train_epoch(engine, model, item_table, stage, epoch):
         model.train()
-        t0, losses = time.perf_counter(), []
+        t0, losses, seen = time.perf_counter(), [], torch.zeros(2, dtype=torch.float64)  # targets, tokens
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"finetune s{stage} e{epoch}", unit="batch",
                    disable=None if (progress and main) else True, leave=False)
         for batch in bar:
+            seen += torch.tensor([len(batch["next_item_index"]), batch_tokens(batch)], dtype=torch.float64)
             loss = engine(to_device(batch, device), train_view(item_table))
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if main:
+        seconds = time.perf_counter() - t0
+        if runtime.distributed:  # throughput of the whole job: every rank's targets and tokens
+            seen = seen.to(device)  # (NCCL reduces device tensors only)
+            torch.distributed.all_reduce(seen)
+            seen = seen.cpu()
+        if main:  # a target = one (history -> next item) pair; tokens: non-pad tokens of histories and items
             metrics.write({"stage": stage, "epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1),
-                           "seconds": time.perf_counter() - t0, "lr": engine.get_lr()[0]})
+                           "seconds": seconds, "lr": engine.get_lr()[0], "targets": int(seen[0]),
+                           "tokens": int(seen[1]), "targets_per_s": round(float(seen[0]) / seconds, 2),
+                           "tokens_per_s": round(float(seen[1]) / seconds, 1)})
 
     def run_stage(stage, engine, model, item_table, epochs, reencode):
         bad = 0
