@@ -37,9 +37,11 @@ from jepa4rec_dist.eval.ranks import read_ranks
 from jepa4rec_dist.eval.stats import bootstrap_interval, paired_difference, per_user
 
 ORDER = ("hybrid", "hybrid-text", "hybrid-id", "hybrid-align", "hybrid-gate", "hybrid-noiddrop", "hybrid-minilm",
+         "hybrid-minilm-text",
          "jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
 LABELS = {"hybrid": "ID + text (item vectors)", "hybrid-text": "  ablation: without IDs (text only)",
           "hybrid-id": "  ablation: without text (IDs only)", "hybrid-align": "  ablation: with MK-MMD alignment",
+          "hybrid-minilm-text": "  text only, raw MiniLM (the raw-MiniLM row's new-item reference)",
           "hybrid-gate": "  ablation: with frequency gating", "hybrid-noiddrop": "  ablation: without ID dropout", "hybrid-minilm": "  ablation: raw MiniLM text",
           "jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
           "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
@@ -309,7 +311,7 @@ def plot_offsets(dataset: str, fits: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
     for method, result in fits.items():
         o = result["new_item_offset"]
         curve = sorted(o["curve"], key=lambda c: c["offset"])
@@ -324,7 +326,7 @@ def plot_offsets(dataset: str, fits: dict, path: Path) -> None:
     ax.set_title(f"{dataset} new-items split: the new-item offset's trade-off (circles: chosen; dotted: floor)",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: the curves fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
