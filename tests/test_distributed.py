@@ -224,7 +224,8 @@ def test_hybrid_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     root = write_successor_dataset(tmp_path / "succ")
     common = [f"--data.out_dir={root}", "--finetune.model=hybrid", "--hybrid.text_from=minilm", "--model.pooling=mean",
               "--hybrid.max_len=8", "--hybrid.hidden=32", "--hybrid.lr=1e-3", "--hybrid.epochs=3", "--hybrid.patience=0",
-              "--hybrid.dropout=0.0", "--hybrid.batch_size=15", "--hybrid.id_init=normal", "--hybrid.align=[mmd]", "--train.collective_timeout_s=60"]
+              "--hybrid.dropout=0.0", "--hybrid.batch_size=15", "--hybrid.id_init=normal", "--hybrid.align=[mmd]", "--hybrid.align_max_items=6",
+              "--train.collective_timeout_s=60"]
     single = subprocess.run([sys.executable, str(REPO / "launch/finetune.py"), *common,
                              f"--hybrid.output_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)

@@ -122,6 +122,21 @@ def test_mk_mmd_by_hand():
     assert mk_mmd(x, y).item() > mk_mmd(x, x + 0.1).item() > 0
 
 
+def test_alignment_sample_is_seeded_and_bounded():
+    """`hybrid.align_max_items`: a seeded sample of the batch's distinct targets, the same for the same
+    (seed, epoch, step) on every rank, another for another step; all of them when there are few enough."""
+    from jepa4rec_dist.hybrid.train import align_sample
+
+    items = torch.arange(0, 300, 3)
+    a, b = align_sample(items, 16, 0, 1, 5), align_sample(items, 16, 0, 1, 5)
+    assert len(a) == 16 and torch.equal(a, b) and set(a.tolist()) <= set(items.tolist())
+    assert len(set(a.tolist())) == 16 and torch.equal(a, a.sort().values)
+    assert not torch.equal(a, align_sample(items, 16, 0, 1, 6))
+    assert align_sample(items, 0, 0, 1, 5) is items and align_sample(items, 100, 0, 1, 5) is items
+    with pytest.raises(ValueError, match="align_max_items: 0 \\(all\\) or >= 2"):
+        HybridConfig(align_max_items=1).validate("hybrid")
+
+
 def test_frequency_gate_follows_item_frequency():
     """Two experts over 40 items: the first scores the target of a frequent item (count 100) well and
     is noise elsewhere, the second does the same for rare items (count 2). Trained on the softmax of the
@@ -212,7 +227,8 @@ def test_hybrid_cli_resumes_and_evaluates(successor, tmp_path, capsys):
     out = tmp_path / "h"
     common = ["--data", str(successor), "--finetune.model=hybrid", "--hybrid.text_from=minilm",
               f"--hybrid.output_dir={out}", "--hybrid.max_len=8", "--hybrid.hidden=32", "--hybrid.lr=1e-2",
-              "--hybrid.patience=0", "--model.pooling=mean", "--hybrid.align=[mmd, contrastive]"]
+              "--hybrid.patience=0", "--model.pooling=mean", "--hybrid.align=[mmd, contrastive]",
+              "--hybrid.align_max_items=8"]
     assert main(["finetune", *common, "--hybrid.epochs=2"]) == 0
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in first] == [1, 2] and "align_mmd" in first[0] and "align_contrastive" in first[0]

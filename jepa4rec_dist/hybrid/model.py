@@ -60,6 +60,10 @@ class HybridConfig:
     gating: Literal["frequency", "none"] = "frequency"
     align: list[str] = field(default_factory=list)  # any of: mmd, contrastive
     mmd_weight: float = 0.1
+    # the alignment terms use at most this many of the global batch's distinct targets, a seeded sample drawn
+    # each step (the same on every rank); 0: all of them. MK-MMD's exact pairwise distances grow with its
+    # square (ml-1m: ~1,500 distinct targets a batch, 3.6x the cost of a step without it)
+    align_max_items: int = 0
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
     adapter: Literal["linear", "mlp"] = "linear"
@@ -115,6 +119,8 @@ class HybridConfig:
             raise ValueError(f"{prefix}.id_dropout: must be in [0, 1), got {self.id_dropout}")
         if self.id_dropout and self.mode != "hybrid":
             raise ValueError(f"{prefix}.id_dropout needs {prefix}.mode=hybrid (it drops IDs in favour of text)")
+        if self.align_max_items < 0 or self.align_max_items == 1:
+            raise ValueError(f"{prefix}.align_max_items: 0 (all) or >= 2, got {self.align_max_items}")
         if self.max_steps < 0:
             raise ValueError(f"{prefix}.max_steps: must be >= 0 (0: no step budget), got {self.max_steps}")
         if self.lr <= 0 or self.patience < 0 or self.weight_decay < 0 or self.clip_norm < 0:

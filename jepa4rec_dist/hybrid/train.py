@@ -236,7 +236,8 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
             keep = (torch.rand(n_items, generator=g) >= hc.id_dropout).to(device)
         tg = targets[rows]
         n_global = int((tg != IGNORE).sum())
-        align_items = torch.unique(tg[tg != IGNORE])
+        align_items = align_sample(torch.unique(tg[tg != IGNORE]), hc.align_max_items, hc.seed, epoch, step) \
+            if hc.align else tg.new_zeros(0)
         per = math.ceil(len(rows) / runtime.world)
         mine = rows[runtime.rank * per:(runtime.rank + 1) * per]
         loss, rec, parts = engine(inputs[mine].to(device), targets[mine].to(device), align_items.to(device),
@@ -256,6 +257,14 @@ def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device
     return {"epoch": epoch, "steps": len(batches), "train_loss": rec_sum / max(n_targets, 1), "targets": n_targets,
             "targets_per_s": round(n_targets / seconds, 1), "seconds": round(seconds, 1),
             **{f"align_{k}": v / max(len(batches), 1) for k, v in parts_sum.items()}}
+
+
+def align_sample(items: torch.Tensor, max_items: int, seed: int, epoch: int, step: int) -> torch.Tensor:
+    """At most `max_items` of `items` (0: all), a sample seeded by (seed, epoch, step): every rank draws the same."""
+    if not max_items or len(items) <= max_items:
+        return items
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step + 7)
+    return items[torch.randperm(len(items), generator=g)[:max_items]].sort().values
 
 
 class _StatesOnce(HybridScorer):
