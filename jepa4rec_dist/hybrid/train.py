@@ -309,10 +309,13 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
 
     scorer = _StatesOnce(model)
 
+    def run(s):  # one scorer on the kept validation batches
+        return evaluate(s, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
+                        exclude_history=ctx.exclude_history, progress=False)
+
     def validate():
         scorer.refresh()
-        return evaluate(scorer, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
-                        exclude_history=ctx.exclude_history, progress=False)
+        return run(scorer)
 
     model.new_offset.fill_(0.0)
     first = validate()
@@ -335,7 +338,7 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
         curve = [point(scale * step / 4) for step in range(17)]
         best = max(c["ndcg@10"] for c in curve)
         if hc.new_item_reference:
-            reference = _reference_new_items(hc.new_item_reference, meta, batches, cfg, ctx, new_users)
+            reference = _reference_new_items(hc.new_item_reference, meta, run, new_users)
             floor = (1 - hc.new_item_tolerance) * reference
             chosen, key, edge = _anchored(curve, floor), "new_items_ndcg@10", -scale / 4
             choice["reference"] = {"export": str(hc.new_item_reference), "new_items_ndcg@10": reference,
@@ -376,10 +379,9 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     return choice
 
 
-def _reference_new_items(reference: str, meta: dict, batches: list, cfg: Config, ctx, new_users: np.ndarray) -> float:
+def _reference_new_items(reference: str, meta: dict, run, new_users: np.ndarray) -> float:
     """Validation NDCG@10 of the export `reference` (with its own new-item offset) over the users whose target
-    has no training interaction, on the batches the offset is chosen on."""
-    from jepa4rec_dist.eval.harness import evaluate
+    has no training interaction, scored by `run` on the batches the offset is chosen on."""
     from jepa4rec_dist.hybrid.scorer import load_hybrid
 
     model, ref_meta = load_hybrid(reference)
@@ -387,9 +389,7 @@ def _reference_new_items(reference: str, meta: dict, batches: list, cfg: Config,
         raise ValueError(f"hybrid.new_item_reference={reference}: trained on another dataset or split "
                          f"({ref_meta.get('dataset')}, {model.num_items} items) than this model "
                          f"({meta.get('dataset')}, {meta['num_items']} items)")
-    res = evaluate(HybridScorer(model, "reference"), batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
-                   exclude_history=ctx.exclude_history, progress=False)
-    return float(res.subset(new_users)["ndcg@10"])
+    return float(run(HybridScorer(model, "reference")).subset(new_users)["ndcg@10"])
 
 
 def _anchored(curve: list[dict], floor: float) -> dict | None:

@@ -201,17 +201,18 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
 
     def train_epoch(engine, model, item_table, stage, epoch):
         model.train()
-        t0, losses, seen = time.perf_counter(), [], torch.zeros(2, dtype=torch.float64)  # targets, tokens
+        t0, losses, n_targets, n_tokens = time.perf_counter(), [], 0, 0
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"finetune s{stage} e{epoch}", unit="batch",
                    disable=None if (progress and main) else True, leave=False)
         for batch in bar:
-            seen += torch.tensor([len(batch["next_item_index"]), batch_tokens(batch)], dtype=torch.float64)
+            n_targets, n_tokens = n_targets + len(batch["next_item_index"]), n_tokens + batch_tokens(batch)
             loss = engine(to_device(batch, device), train_view(item_table))
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - t0
+        seen = torch.tensor([n_targets, n_tokens], dtype=torch.float64)
         if runtime.distributed:  # throughput of the whole job: every rank's targets and tokens
             seen = seen.to(device)  # (NCCL reduces device tensors only)
             torch.distributed.all_reduce(seen)
