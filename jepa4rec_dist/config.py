@@ -179,6 +179,9 @@ class PretrainConfig:
     # RecFormer mode: contrastive loss on the unmasked views (SPEC) or on the MLM-masked views (one pass per
     # side, as RecFormer's released code does).
     recformer_cl_views: Literal["unmasked", "masked"] = "unmasked"
+    # In-batch negatives repeat popular next items: "mask" leaves the other copies of a row's own next item
+    # out of its softmax (they are false negatives); "keep" treats them as negatives (the papers' loss).
+    duplicate_positives: Literal["mask", "keep"] = "mask"
     loss_backend: str = "auto"  # infonce backend
 
     def validate(self, prefix: str) -> None:

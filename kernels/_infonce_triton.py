@@ -10,6 +10,8 @@ normalises q and k in torch (autograd handles the normalisation's backward) and 
               dQ[:, slice] += (w * P) @ K[:, slice]; per-split partials (fp32) summed in torch.
     dK pass   grid (key blocks, d slices): loop over all query tiles, dK[:, slice] += (w * P)^T @ Q.
     The target term (-w_i k_t / tau into dQ, -w_i q_i / tau into dK[t_i]) is a gather / index_add in torch.
+    With key ids (duplicate positives masked): every pass loads the row's positive id and target index and
+    the tile's key ids and sets the excluded logits to -inf (so P = 0 there); HAS_IDS=False compiles it out.
 
 The N x M logit matrix never exists: memory is O((N + M) d) plus (splits x N x d) fp32 partials, capped.
 Cost: the logit tile is recomputed in every pass, and once per d slice of the accumulator (BLOCK_DV <= 256
@@ -46,9 +48,21 @@ def _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K: tl.constexpr, P
 
 
 @triton.jit
-def _lse_kernel(Q, K, M_PART, L_PART, N, M, d, keys_per_split, scale,
+def _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS: tl.constexpr):
+    """-inf where key j has row r's positive id but is not its positive (duplicate-positive masking)."""
+    if HAS_IDS:
+        rid = tl.load(ROW_IDS + rows, mask=row_ok, other=-1)
+        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+        kid = tl.load(KEY_IDS + cols, mask=col_ok, other=-2)
+        drop = (rid[:, None] == kid[None, :]) & (tgt[:, None] != cols[None, :])
+        s = tl.where(drop, float("-inf"), s)
+    return s
+
+
+@triton.jit
+def _lse_kernel(Q, K, M_PART, L_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_split, scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_IDS: tl.constexpr):
     pid_m, split = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -61,6 +75,7 @@ def _lse_kernel(Q, K, M_PART, L_PART, N, M, d, keys_per_split, scale,
         col_ok = cols < hi
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
         s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -69,9 +84,9 @@ def _lse_kernel(Q, K, M_PART, L_PART, N, M, d, keys_per_split, scale,
 
 
 @triton.jit
-def _dq_kernel(Q, K, LSE, W, DQ_PART, N, M, d, keys_per_split, scale,
+def _dq_kernel(Q, K, LSE, W, DQ_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_split, scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_IDS: tl.constexpr):
     pid_m, pid_d, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -86,6 +101,7 @@ def _dq_kernel(Q, K, LSE, W, DQ_PART, N, M, d, keys_per_split, scale,
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
+        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0) * w[:, None]
         k = tl.load(K + cols[:, None].to(tl.int64) * d + offs_v[None, :], mask=col_ok[:, None] & v_ok[None, :], other=0.0)
         acc += _dot(p.to(k.dtype), k, PREC, UPCAST)
@@ -94,9 +110,9 @@ def _dq_kernel(Q, K, LSE, W, DQ_PART, N, M, d, keys_per_split, scale,
 
 
 @triton.jit
-def _dk_kernel(Q, K, LSE, W, DK, N, M, d, scale, out_scale,
+def _dk_kernel(Q, K, LSE, W, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, out_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_IDS: tl.constexpr):
     pid_n, pid_d = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
@@ -107,6 +123,7 @@ def _dk_kernel(Q, K, LSE, W, DK, N, M, d, scale, out_scale,
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
+        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         w = tl.load(W + rows, mask=row_ok, other=0.0)
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0) * w[:, None]
@@ -145,8 +162,17 @@ def _launch(cfg):
                 UPCAST=cfg["upcast"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def lse_rows(q, k, inv_temp, splits):
-    """Natural-log lse_i = logsumexp_j(q_i . k_j * inv_temp), fp32 (N,). q, k contiguous (N, d), (M, d)."""
+def _ids(targets, key_ids):
+    """(row ids, targets, key ids, HAS_IDS) kernel arguments; placeholders when there are no key ids."""
+    if key_ids is None:
+        return targets, targets, targets, False
+    key_ids = key_ids.contiguous()
+    return key_ids[targets].contiguous(), targets.contiguous(), key_ids, True
+
+
+def lse_rows(q, k, inv_temp, splits, targets, key_ids=None):
+    """Natural-log lse_i = logsumexp_j(q_i . k_j * inv_temp), fp32 (N,). q, k contiguous (N, d), (M, d).
+    With key_ids: the keys sharing row i's positive id (targets[i]) other than the positive are left out."""
     (n_rows, d), n_keys = q.shape, k.shape[0]
     cfg = _config(d, q.dtype, q.device)
     splits = _num_splits(n_rows, n_keys, d, cfg, q.device, splits)
@@ -155,13 +181,15 @@ def lse_rows(q, k, inv_temp, splits):
     m_part = torch.empty(splits, n_rows, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]), splits)
-    _lse_kernel[grid](q, k, m_part, l_part, n_rows, n_keys, d, per_split, inv_temp * _LOG2E, **_launch(cfg))
+    row_ids, tgt, kid, has_ids = _ids(targets, key_ids)
+    _lse_kernel[grid](q, k, m_part, l_part, row_ids, tgt, kid, n_rows, n_keys, d, per_split, inv_temp * _LOG2E,
+                      HAS_IDS=has_ids, **_launch(cfg))
     m_all = m_part.amax(0)
     lse2 = m_all + torch.log2((l_part * torch.exp2(m_part - m_all)).sum(0))
     return lse2 / _LOG2E
 
 
-def grads(q, k, lse, weight, inv_temp, need_dk, splits):
+def grads(q, k, lse, weight, inv_temp, need_dk, splits, targets, key_ids=None):
     """(dq, dk or None) of sum_i weight_i * lse_i, without the target term. fp32 dq/dk."""
     (n_rows, d), n_keys = q.shape, k.shape[0]
     cfg = _config(d, q.dtype, q.device)
@@ -172,16 +200,17 @@ def grads(q, k, lse, weight, inv_temp, need_dk, splits):
     splits = triton.cdiv(n_keys, per_split)
     n_dv = triton.cdiv(d, cfg["BLOCK_DV"])
     dq_part = torch.empty(splits, n_rows, d, device=q.device, dtype=torch.float32)
+    row_ids, tgt, kid, has_ids = _ids(targets, key_ids)
     _dq_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]), n_dv, splits)](
-        q, k, lse2, weight, dq_part, n_rows, n_keys, d, per_split, inv_temp * _LOG2E,
-        BLOCK_DV=cfg["BLOCK_DV"], **_launch(cfg))
+        q, k, lse2, weight, dq_part, row_ids, tgt, kid, n_rows, n_keys, d, per_split, inv_temp * _LOG2E,
+        BLOCK_DV=cfg["BLOCK_DV"], HAS_IDS=has_ids, **_launch(cfg))
     dq = dq_part.sum(0) * inv_temp if splits > 1 else dq_part[0] * inv_temp
     dk = None
     if need_dk:
         dk = torch.empty(n_keys, d, device=q.device, dtype=torch.float32)
         _dk_kernel[(triton.cdiv(n_keys, cfg["BLOCK_N"]), n_dv)](
-            q, k, lse2, weight, dk, n_rows, n_keys, d, inv_temp * _LOG2E, inv_temp,
-            BLOCK_DV=cfg["BLOCK_DV"], **_launch(cfg))
+            q, k, lse2, weight, dk, row_ids, tgt, kid, n_rows, n_keys, d, inv_temp * _LOG2E, inv_temp,
+            BLOCK_DV=cfg["BLOCK_DV"], HAS_IDS=has_ids, **_launch(cfg))
     return dq, dk
 
 
@@ -190,23 +219,23 @@ class InfoNCEFn(torch.autograd.Function):
     per-row gradient, so mean / sum / none reductions all work."""
 
     @staticmethod
-    def forward(ctx, q, k, targets, inv_temp, splits):
+    def forward(ctx, q, k, targets, inv_temp, splits, key_ids=None):
         q, k = q.contiguous(), k.contiguous()
-        lse = lse_rows(q, k, inv_temp, splits)
+        lse = lse_rows(q, k, inv_temp, splits, targets, key_ids)
         target_logit = (q.float() * k[targets].float()).sum(-1) * inv_temp
-        ctx.save_for_backward(q, k, targets, lse)
+        ctx.save_for_backward(q, k, targets, lse, key_ids)
         ctx.inv_temp, ctx.splits = inv_temp, splits
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q, k, targets, lse = ctx.saved_tensors
+        q, k, targets, lse, key_ids = ctx.saved_tensors
         inv_temp = ctx.inv_temp
         need_dk = ctx.needs_input_grad[1]
-        dq, dk = grads(q, k, lse, grad_loss, inv_temp, need_dk, ctx.splits)
+        dq, dk = grads(q, k, lse, grad_loss, inv_temp, need_dk, ctx.splits, targets, key_ids)
         w = grad_loss.float()[:, None] * inv_temp
         dq = dq - w * k[targets].float()
         if need_dk:
             dk.index_add_(0, targets, -w * q.float())
             dk = dk.to(k.dtype)
-        return dq.to(q.dtype), dk, None, None, None
+        return dq.to(q.dtype), dk, None, None, None, None

@@ -7,6 +7,14 @@ targets=None means the diagonal (i -> i, needs N <= M): the in-batch contrastive
 where keys are the all-gathered next items (they need grad). A LongTensor of indices into keys is the
 full item-table softmax of finetuning (keys = the frozen item table, requires_grad False: dK is skipped).
 
+key_ids (optional, LongTensor (M,)): what each key is (an item id). Keys that are the same thing as a row's
+positive but are not the positive itself are left out of that row's softmax (their logit is -inf):
+
+    loss_i = logsumexp_{j : j == t_i or key_ids[j] != key_ids[t_i]}(logits_ij) - logits_{i, t_i}
+
+In-batch negatives repeat popular next items; without this, a user whose next item is item X is pushed
+away from the other copies of X in the batch (false negatives). Every backend supports it.
+
 Backends (an explicit request that cannot run raises; it never falls back):
   reference  plain torch, fp32 logits: the oracle. Memory N x M fp32 (and again for the backward).
   chunked    plain torch over query chunks of C rows: the forward keeps only lse (C x M at a time), the
@@ -38,7 +46,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_ELEMENTS = 2**25  # chunked backend: C x M fp32 logits per chunk (128 MiB)
 
 
-def _check(queries, keys, targets, temperature, reduction):
+def _check(queries, keys, targets, temperature, reduction, key_ids=None):
     for name, t in (("queries", queries), ("keys", keys)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (rows, dim), got {getattr(t, 'shape', type(t))}")
@@ -57,6 +65,12 @@ def _check(queries, keys, targets, temperature, reduction):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     n_rows, n_keys = queries.shape[0], keys.shape[0]
+    if key_ids is not None:
+        if not isinstance(key_ids, torch.Tensor) or key_ids.dtype != torch.long or key_ids.shape != (n_keys,):
+            raise ValueError(f"key_ids must be a LongTensor of shape ({n_keys},) (one id per key), got "
+                             f"{getattr(key_ids, 'dtype', type(key_ids))} {tuple(getattr(key_ids, 'shape', ()))}")
+        if key_ids.device != keys.device:
+            raise ValueError(f"key_ids on {key_ids.device} but keys on {keys.device}")
     if targets is None:
         if n_rows > n_keys:
             raise ValueError(f"targets=None means the diagonal and needs N <= M, got N={n_rows}, M={n_keys}")
@@ -75,54 +89,79 @@ def _normalize(x):
     return F.normalize(x.float(), dim=-1).to(x.dtype)
 
 
+def _excluded(row_ids, key_ids, targets, lo, hi, cols):
+    """(hi - lo, M) bool: keys that share row r's positive id but are not its positive (None: no ids)."""
+    if row_ids is None:
+        return None
+    same = row_ids[lo:hi, None] == key_ids[None, :]
+    return same & (cols[None, :] != targets[lo:hi, None])
+
+
 # ---------------------------------------------------------------------------------------------------------
-# backends: each maps (q, k, targets, inv_temp) -> per-row losses, fp32 (N,)
+# backends: each maps (q, k, targets, inv_temp, key_ids) -> per-row losses, fp32 (N,)
 # ---------------------------------------------------------------------------------------------------------
-def _reference(q, k, targets, inv_temp):
+def _reference(q, k, targets, inv_temp, key_ids=None):
     logits = (q.float() @ k.float().T) * inv_temp
-    return torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    if key_ids is not None:
+        cols = torch.arange(k.shape[0], device=k.device)
+        logits = logits.masked_fill(_excluded(key_ids[targets], key_ids, targets, 0, q.shape[0], cols), float("-inf"))
+    return torch.logsumexp(logits, -1) - target_logit
 
 
 class _ChunkedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, targets, inv_temp, chunk):
+    def forward(ctx, q, k, targets, inv_temp, chunk, key_ids):
         kf = k.float()
-        lse = torch.cat([torch.logsumexp((q[i:i + chunk].float() @ kf.T) * inv_temp, -1)
-                         for i in range(0, q.shape[0], chunk)])
+        row_ids = None if key_ids is None else key_ids[targets]
+        cols = torch.arange(k.shape[0], device=k.device)
+        lse = []
+        for i in range(0, q.shape[0], chunk):
+            logits = (q[i:i + chunk].float() @ kf.T) * inv_temp
+            excluded = _excluded(row_ids, key_ids, targets, i, i + logits.shape[0], cols)
+            if excluded is not None:
+                logits = logits.masked_fill(excluded, float("-inf"))
+            lse.append(torch.logsumexp(logits, -1))
+        lse = torch.cat(lse)
         target_logit = (q.float() * k[targets].float()).sum(-1) * inv_temp
-        ctx.save_for_backward(q, k, targets, lse)
+        ctx.save_for_backward(q, k, targets, lse, key_ids)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q, k, targets, lse = ctx.saved_tensors
+        q, k, targets, lse, key_ids = ctx.saved_tensors
         inv_temp, chunk = ctx.inv_temp, ctx.chunk
         kf, grad_loss = k.float(), grad_loss.float()
+        row_ids = None if key_ids is None else key_ids[targets]
+        cols = torch.arange(k.shape[0], device=k.device)
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
         for i in range(0, q.shape[0], chunk):
             qc = q[i:i + chunk].float()
             # d loss_r / d logits_rj = softmax_rj - [j == t_r], times the upstream weight of row r
             g = torch.exp((qc @ kf.T) * inv_temp - lse[i:i + chunk, None])
+            excluded = _excluded(row_ids, key_ids, targets, i, i + g.shape[0], cols)
+            if excluded is not None:
+                g.masked_fill_(excluded, 0.0)
             rows = torch.arange(g.shape[0], device=g.device)
             g[rows, targets[i:i + chunk]] -= 1.0
             g *= grad_loss[i:i + chunk, None] * inv_temp
             dq[i:i + chunk] = g @ kf
             if dk is not None:
                 dk += g.T @ qc
-        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None
+        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None, None
 
 
-def _chunked(q, k, targets, inv_temp):
+def _chunked(q, k, targets, inv_temp, key_ids=None):
     chunk = max(1, _CHUNK_ELEMENTS // k.shape[0])
-    return _ChunkedFn.apply(q, k, targets, inv_temp, chunk)
+    return _ChunkedFn.apply(q, k, targets, inv_temp, chunk, key_ids)
 
 
-def _triton(q, k, targets, inv_temp, splits=None):
+def _triton(q, k, targets, inv_temp, key_ids=None, splits=None):
     from kernels._infonce_triton import InfoNCEFn
 
-    return InfoNCEFn.apply(q, k, targets, inv_temp, splits)
+    return InfoNCEFn.apply(q, k, targets, inv_temp, splits, key_ids)
 
 
 def _triton_unavailable(device):
@@ -145,10 +184,11 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 
 def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=True, backend="auto",
-                 reduction="mean"):
+                 reduction="mean", key_ids=None):
     """InfoNCE with softmax over all keys. queries (N, d), keys (M, d); returns an fp32 scalar
-    (reduction 'mean' / 'sum') or (N,) per-row losses (reduction 'none')."""
-    _check(queries, keys, targets, temperature, reduction)
+    (reduction 'mean' / 'sum') or (N,) per-row losses (reduction 'none'). key_ids (M,): keys with the
+    same id as a row's positive are not its negatives (module docstring)."""
+    _check(queries, keys, targets, temperature, reduction, key_ids)
     if backend == "auto":
         backend = "triton" if queries.device.type == "cuda" else "reference"
     if backend not in BACKENDS:
@@ -160,7 +200,7 @@ def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=Tru
     if targets is None:
         targets = torch.arange(queries.shape[0], device=queries.device)
     q, k = (_normalize(queries), _normalize(keys)) if normalize else (queries, keys)
-    losses = fn(q, k, targets, 1.0 / float(temperature))
+    losses = fn(q, k, targets, 1.0 / float(temperature), key_ids)
     if reduction == "mean":
         return losses.mean()
     return losses.sum() if reduction == "sum" else losses

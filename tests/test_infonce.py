@@ -107,6 +107,48 @@ def test_hand_computed_value():
     torch.testing.assert_close(q_raw.grad[0], torch.stack([soft[0] - 1.0, soft[1]]))
 
 
+def test_duplicate_positives_hand_computed():
+    # tau = 1, no normalisation. Row 0's positive is key 0 (item 7); key 2 is item 7 again, key 1 item 3.
+    # Row 1's positive is key 1 (item 3): nothing of it is duplicated, so its loss is the plain one.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    ids = torch.tensor([7, 3, 7])
+    # row 0: logits (1, 0, 2); key 2 dropped: log(e^1 + e^0) - 1. Row 1: logits (0, 1, 0): log(1 + e + 1) - 1
+    expected = torch.tensor([math.log(math.e + 1.0) - 1.0, math.log(math.e + 2.0) - 1.0])
+    plain_row0 = math.log(math.e + 1.0 + math.e ** 2) - 1.0
+    for backend in ("reference", "chunked", "triton"):
+        losses = infonce_loss(q, k, temperature=1.0, normalize=False, backend=backend, reduction="none", key_ids=ids)
+        torch.testing.assert_close(losses, expected, msg=backend)
+        unmasked = infonce_loss(q, k, temperature=1.0, normalize=False, backend=backend, reduction="none")
+        assert abs(unmasked[0].item() - plain_row0) < 1e-6, backend
+    # gradient of row 0's loss w.r.t. q_0: softmax over the kept keys (0, 1) times their keys, minus k_0;
+    # the dropped key 2 gets no gradient from row 0 at all
+    for backend in ("reference", "chunked", "triton"):
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        infonce_loss(qq, kk, temperature=1.0, normalize=False, backend=backend, reduction="none",
+                     key_ids=ids)[0].backward()
+        soft = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+        torch.testing.assert_close(qq.grad[0], soft[0] * k[0] + soft[1] * k[1] - k[0], msg=backend)
+        torch.testing.assert_close(kk.grad[2], torch.zeros(2), msg=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_duplicate_positives_match_reference(backend, explicit, monkeypatch):
+    # ids drawn from a small range so that every key tile holds duplicates; several chunks / key splits
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 6, (41,), generator=gen)
+    if backend == "chunked":
+        monkeypatch.setattr(infonce_module, "_CHUNK_ELEMENTS", 5 * 41)
+    else:
+        monkeypatch.setitem(infonce_module.BACKENDS, "triton",
+                            (lambda *a: _triton(*a, splits=2), infonce_module.BACKENDS["triton"][1]))
+    _compare(backend, 23, 41, 32, explicit, seed=12, key_ids=ids, reduction="none")
+    # the masking changes the loss (it is not a no-op on these ids)
+    q, k = torch.randn(23, 32, generator=gen), torch.randn(41, 32, generator=gen)
+    assert not torch.allclose(infonce_loss(q, k, backend=backend), infonce_loss(q, k, backend=backend, key_ids=ids))
+
+
 def test_temperature_and_normalize_change_the_loss():
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(4, 16, generator=gen), torch.randn(6, 16, generator=gen)
@@ -126,6 +168,7 @@ def test_temperature_and_normalize_change_the_loss():
     (dict(temperature=0.0), "temperature"),
     (dict(reduction="avg"), "reduction"),
     (dict(backend="cuda_magic"), "unknown infonce backend"),
+    (dict(key_ids=torch.tensor([1, 2, 3])), "key_ids must be a LongTensor of shape \\(5,\\)"),
     (dict(keys=torch.randn(5, 8, dtype=torch.float16)), "dtype"),
 ])
 def test_bad_inputs_raise_value_error(kwargs, match):
@@ -148,11 +191,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from kernels import _infonce_triton as m
     from kernels._triton_common import compile_for_gpu
     types = dict(N="i32", M="i32", d="i32", keys_per_split="i32", scale="fp32", out_scale="fp32",
-                 M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", DQ_PART="*fp32")
+                 M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", DQ_PART="*fp32",
+                 ROW_IDS="*i64", TGT="*i64", KEY_IDS="*i64")
     for tdt, dt, dim in [(torch.bfloat16, "bf16", 768), (torch.float32, "fp32", 64)]:
         cfg = m._config(dim, tdt, torch.device("cuda"))
         types.update(Q="*" + dt, K="*" + dt, DK="*" + dt)
-        c = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREC=cfg["prec"], UPCAST=False)
+        c = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREC=cfg["prec"], UPCAST=False,
+                 HAS_IDS=True)  # the variant with duplicate-positive masking (the heavier one)
         for name, fn, extra in [("lse", m._lse_kernel, {}), ("dq", m._dq_kernel, dict(BLOCK_DV=cfg["BLOCK_DV"])),
                                 ("dk", m._dk_kernel, dict(BLOCK_DV=cfg["BLOCK_DV"]))]:
             r = compile_for_gpu(fn, types, dict(c, **extra), cfg["num_warps"], cfg["num_stages"])

@@ -51,8 +51,12 @@ def test_ema_update(setup):
         ema_update(model.target, [torch.zeros(3)] * len(before), 0.9)
 
 
-def infonce(q, k, tau=0.05):
+def infonce(q, k, tau=0.05, ids=None):
+    """In-batch InfoNCE by hand; with ids, the other copies of a row's own next item are not its negatives."""
     logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).t() / tau
+    if ids is not None:
+        same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool)
+        logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(q)))
 
 
@@ -70,7 +74,7 @@ def test_jepa_losses_match_hand_computation(setup):
         labels = torch.cat([batch["history_mlm_labels"].flatten(), batch["next_mlm_labels"].flatten()])
         logits = torch.cat([model.mlm_head(h_hist).flatten(0, 1), model.mlm_head(h_item).flatten(0, 1)])
         l_mlm = F.cross_entropy(logits, labels, ignore_index=-100)
-        l_cl = infonce(cls(h_hist), cls(h_item))
+        l_cl = infonce(cls(h_hist), cls(h_item), ids=batch["next_item_index"])
     assert out["loss_map"].item() == pytest.approx(l_map.item(), rel=1e-4)
     assert out["loss_mlm"].item() == pytest.approx(l_mlm.item(), rel=1e-4)
     assert out["loss_cl"].item() == pytest.approx(l_cl.item(), rel=1e-4)
@@ -103,9 +107,32 @@ def test_recformer_objective(setup):
                 q, k = cls(m_hist), cls(m_item)
             else:
                 q, k = cls(model.encoder.encode(batch, "history_")), cls(model.encoder.encode(batch, "next_"))
-            l_cl = infonce(q, k)
+            l_cl = infonce(q, k, ids=batch["next_item_index"])
         assert out["loss_mlm"].item() == pytest.approx((s_h / n_h + s_i / n_i).item(), rel=1e-4)
         assert out["loss"].item() == pytest.approx((l_cl + 0.1 * (s_h / n_h + s_i / n_i)).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["jepa", "recformer"])
+def test_duplicate_next_items_are_not_negatives(setup, objective):
+    """Rows 0, 1 and 3 share a next item: with `duplicate_positives: mask` (the default) each drops the other
+    two from its softmax, row 2 keeps every key; `keep` is the plain in-batch loss. Both against hand values."""
+    _, model, batch = setup(objective)
+    model.eval()
+    batch = dict(batch, next_item_index=torch.tensor([5, 5, 9, 5]))
+    with torch.no_grad():
+        view = "masked_input_ids" if objective == "jepa" else "input_ids"
+        q = cls(model.encoder.encode(batch, "history_", view))
+        k = cls(model.encoder.encode(batch, "next_", view))
+        masked = model(batch, model.target)["loss_cl"]
+        expected = infonce(q, k, ids=batch["next_item_index"])
+        assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
+        model.cfg.duplicate_positives = "keep"
+        try:
+            kept = model(batch, model.target)["loss_cl"]
+        finally:
+            model.cfg.duplicate_positives = "mask"
+        assert kept.item() == pytest.approx(infonce(q, k).item(), rel=1e-5)
+    assert masked.item() < kept.item() - 1e-4  # fewer negatives: the masked loss is strictly smaller
 
 
 def test_gathered_keys_give_the_global_batch_loss(setup):
@@ -128,6 +155,9 @@ def test_gathered_keys_give_the_global_batch_loss(setup):
 
             def gather_with_grad(self, x):
                 return self.keys(x), self.offset
+
+            def all_gather(self, x):
+                return batch["next_item_index"]
 
             def all_reduce_sum(self, x):
                 return x.new_tensor(float(n_mlm["a"] + n_mlm["b"]))

@@ -30,7 +30,7 @@ from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult
 from jepa4rec_dist.eval.model_scorer import EncoderScorer
 from jepa4rec_dist.eval.ranks import slug, write_ranks
 from jepa4rec_dist.model import build_encoder
-from jepa4rec_dist.model.checkpoint import load_export
+from jepa4rec_dist.model.checkpoint import is_export, load_export
 from jepa4rec_dist.train.engine import resolve_device
 from jepa4rec_dist.train.finetune import run_eval
 
@@ -47,13 +47,19 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
                  name: str | None = None) -> EncoderScorer:
     """An export as a scorer: its finetuned item table if it has one, else the catalogue's vectors through it
     (encoded once, cached in the dataset's item_vectors/); a hybrid (item-vector) export scores from its own
-    saved tables."""
+    saved tables; `minilm` or a HF checkpoint folder is the untrained encoder, zero-shot (the baseline every
+    pretraining must beat)."""
     device = resolve_device(cfg.train.device)
     from jepa4rec_dist.hybrid.scorer import hybrid_scorer, is_hybrid_export
 
     if is_hybrid_export(model_dir):
         return hybrid_scorer(model_dir, table.num_items, name, device)
-    _, _, _, meta = load_export(model_dir)
+    if model_dir == "minilm" or (Path(model_dir).is_dir() and not is_export(model_dir)
+                                 and (Path(model_dir) / "config.json").is_file()):
+        # an encoder nobody pretrained here: raw all-MiniLM-L6-v2 or a HF checkpoint folder, zero-shot
+        meta = {"tokenizer": None}
+    else:
+        _, _, _, meta = load_export(model_dir)
     if meta.get("tokenizer") and meta["tokenizer"]["name"] != tok.name:
         raise ValueError(f"{model_dir}: trained with tokenizer {meta['tokenizer']['name']!r}, the dataset "
                          f"{cfg.data.out_dir} was prepared with {tok.name!r}")
@@ -71,8 +77,9 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
             raise ValueError(f"{model_dir}: item vectors have {vectors.shape[0]} rows, the dataset has {table.num_items} items")
         item_table = torch.from_numpy(vectors)
     kind = "finetuned" if "item_table" in extra else "zero-shot"
+    label = model_dir if model_dir == "minilm" else f"{Path(model_dir).parent.name}/{Path(model_dir).name}"
     return EncoderScorer(encoder, item_table.to(device), meta.get("temperature", cfg.finetune.temperature), device,
-                         name=name or f"{Path(model_dir).parent.name}/{Path(model_dir).name} ({kind})")
+                         name=name or f"{label} ({kind})")
 
 
 @dataclass

@@ -6,7 +6,8 @@ JEPA4Rec step (the ijepa reading order):
   3. losses: L_map = mean over {history, item} of mean_b || norm(g(f(ctx))) - norm(sg(f'(tgt))) ||^2 (pooled: CLS by default),
      L_mlm = cross-entropy on the masked positions of both context views (no extra pass),
      L_cl = InfoNCE(history CLS, next-item CLS) of the context encoder, negatives = every next item of the
-     global batch; L = w_cl L_cl + w_mlm L_mlm + w_map L_map;
+     global batch except other copies of the row's own next item (`pretrain.duplicate_positives: mask`,
+     the default); L = w_cl L_cl + w_mlm L_mlm + w_map L_map;
   4. backward / step (outside, by the engine); 5. EMA update with momentum m(step), a pure function of
      the step (cosine ramp from m0 to m_end), so a resumed run needs no fast-forward.
 RecFormer mode: no target encoder, no predictor; L = L_cl + w_mlm (L_mlm_hist + L_mlm_item) with 15%
@@ -57,6 +58,10 @@ class LocalOps:
         """All ranks' rows of `x` (gradient flows back to their owners) and where this rank's rows start."""
         return x, 0
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows of `x`, no gradient."""
+        return x
+
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -96,11 +101,15 @@ class PretrainModel(nn.Module):
     def model_cfg(self) -> ModelConfig:
         return self.encoder.cfg
 
-    def _contrastive(self, hist_cls, item_cls, ops):
+    def _contrastive(self, hist_cls, item_cls, ops, next_items=None):
         keys, offset = ops.gather_with_grad(item_cls)
         targets = offset + torch.arange(hist_cls.shape[0], device=hist_cls.device)
+        key_ids = None
+        if self.cfg.duplicate_positives == "mask" and next_items is not None:
+            # a popular next item appears several times in a global batch: its other copies are not negatives
+            key_ids = ops.all_gather(next_items.to(device=hist_cls.device, dtype=torch.long))
         return infonce_loss(hist_cls.float(), keys.float(), targets, temperature=self.cfg.temperature,
-                            normalize=True, backend=self.cfg.loss_backend)
+                            normalize=True, backend=self.cfg.loss_backend, key_ids=key_ids)
 
     def _mlm(self, hidden, labels, ops):
         """Token-mean over the GLOBAL batch: local sum / global count * world, so that the ranks' mean
@@ -133,7 +142,7 @@ class PretrainModel(nn.Module):
             labels = torch.cat([batch["history_mlm_labels"].flatten(), batch["next_mlm_labels"].flatten()])
             hidden = torch.cat([h_hist.flatten(0, 1), h_item.flatten(0, 1)])
             l_mlm = self._mlm(hidden, labels, ops)
-            l_cl = self._contrastive(r_hist, r_item, ops)
+            l_cl = self._contrastive(r_hist, r_item, ops, batch.get("next_item_index"))
             out["loss_map"] = l_map
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm + self.cfg.map_weight * l_map
         else:
@@ -145,7 +154,7 @@ class PretrainModel(nn.Module):
                 k = self.encoder.pool(m_item, batch["next_attention_mask"])
             else:
                 q, k = self.encoder.represent(batch, "history_"), self.encoder.represent(batch, "next_")
-            l_cl = self._contrastive(q, k, ops)
+            l_cl = self._contrastive(q, k, ops, batch.get("next_item_index"))
             out["loss"] = self.cfg.cl_weight * l_cl + self.cfg.mlm_weight * l_mlm
         out["loss_cl"] = l_cl
         out["loss_mlm"] = l_mlm

@@ -3,7 +3,7 @@
 - `all_gather_with_grad`: every rank's rows, with a backward that sums the incoming gradient over ranks
   and hands each rank its own slice. With data-parallel gradient averaging (1/world), this gives exactly
   the gradient of the mean of the ranks' losses, i.e. the single-process loss on the global batch.
-- `DistOps`: the loss hooks (`gather_with_grad`, `all_reduce_sum`) over torch.distributed.
+- `DistOps`: the loss hooks (`gather_with_grad`, `all_gather`, `all_reduce_sum`) over torch.distributed.
 - `deepspeed_config`: the DeepSpeed JSON from the typed config: batch size and accumulation live in one
   place (`loader.batch_size` per rank, `train.grad_accum`), so ZeRO 1/2/3 configs never duplicate numbers.
 - `DeepSpeedEngine`: the calls the training loop makes (`__call__`, `backward`, `step() -> bool`,
@@ -72,6 +72,12 @@ class DistOps:
 
     def gather_with_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return all_gather_with_grad(x), self.rank * x.shape[0]
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `x` (equal row counts), in rank order; no gradient (ids, labels)."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()

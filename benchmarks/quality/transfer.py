@@ -1,0 +1,348 @@
+"""Pretraining that transfers: pretrain on a source dataset, use the export on a target dataset.
+
+    python benchmarks/quality/transfer.py --source configs/experiments/transfer-ml1m.yaml \\
+        --target configs/experiments/quality-ml100k.yaml                 # every arm, every way, test split
+    python benchmarks/quality/transfer.py ... --arms jepa,jepa-nomlm --ways zero-shot --split valid   # ablations
+    python benchmarks/quality/transfer.py ... --report                      # TRANSFER.md + .json + .png
+
+Arms (`--arms`, ARMS below): how the item/sequence encoder was pretrained on the source: `minilm` (not at
+all: raw all-MiniLM-L6-v2), `jepa` (JEPA4Rec), `recformer` (RecFormer's objective, the same budget), and
+ablations of the JEPA4Rec recipe. Each arm pretrains once (`<out>/<arm>/pretrain/`, resumable) with the
+source recipe and the arm's overrides.
+
+Ways (`--ways`) of using an arm's encoder on the target, each evaluated with both protocols:
+  zero-shot     the token-level encoder as it is (history sentences -> user, item sentence -> item);
+  vectors-F     the item-vector sequence model in its text-only mode (`hybrid.mode=text`) over the arm's
+                item vectors, trained on a seeded share F of the target's training users (1 = all);
+  tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
+F in --fractions (default 0.01,0.05,1). Every trained way stops on the target's validation split; the test
+split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
+Each finished step is skipped when run again, so a stopped run resumes.
+
+`--report` reads every evaluation under `<out>` and writes benchmarks/quality/TRANSFER.md, transfer.json and
+transfer.png: NDCG@10 per arm and way under both protocols, and the paired 95% bootstrap interval of each arm
+against raw MiniLM and of JEPA4Rec against the RecFormer objective, over the same users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("transfer")
+
+# arm -> pretraining overrides of the source recipe (None: no pretraining, raw all-MiniLM-L6-v2)
+ARMS: dict[str, list[str] | None] = {
+    "minilm": None,
+    "jepa": ["--pretrain.objective=jepa"],
+    "recformer": ["--pretrain.objective=recformer"],
+    # ablations of the JEPA4Rec recipe (benchmarks/EXPERIMENTS.md)
+    "jepa-keepdup": ["--pretrain.objective=jepa", "--pretrain.duplicate_positives=keep"],
+    "jepa-nomlm": ["--pretrain.objective=jepa", "--pretrain.mlm_weight=0"],
+    "jepa-mask15": ["--pretrain.objective=jepa", "--pretrain.masking.ratio=0.15"],
+    "contrastive": ["--pretrain.objective=recformer", "--pretrain.mlm_weight=0"],  # unmasked views, no MLM
+}
+MAIN_ARMS = ("minilm", "jepa", "recformer")
+REPORT_DIR = ROOT / "benchmarks" / "quality"
+
+
+def ways(names: str, fractions: list[float]) -> list[str]:
+    out = []
+    for name in names.split(","):
+        name = name.strip()
+        if name == "zero-shot":
+            out.append(name)
+        elif name in ("vectors", "tokens"):
+            out += [f"{name}-{fraction:g}" for fraction in fractions]
+        elif name.split("-")[0] in ("vectors", "tokens") and name.count("-") == 1:
+            out.append(name)
+        elif name:
+            raise SystemExit(f"unknown way {name!r} (zero-shot, vectors, tokens, vectors-F, tokens-F)")
+    return out
+
+
+def pretrained(arm: str, source: str, out: Path) -> str:
+    """The arm's encoder: `minilm`, or its export on the source (pretrained here when missing)."""
+    if ARMS[arm] is None:
+        return "minilm"
+    from jepa4rec_dist.config import load_config
+    from jepa4rec_dist.train.pretrain import pretrain
+
+    folder = out / arm / "pretrain"
+    export = folder / "export"
+    if not (export / "config.json").is_file():
+        cfg = load_config([source], [*ARMS[arm], f"--train.output_dir={folder}"])
+        if not (Path(cfg.data.out_dir) / "manifest.json").is_file():
+            from jepa4rec_dist.data.prepare import prepare
+
+            log.info("prepare the source %s", cfg.data.out_dir)
+            prepare(cfg, progress=False)
+        log.info("pretrain %s on %s -> %s", arm, cfg.data.dataset, folder)
+        t0 = time.perf_counter()
+        pretrain(cfg, progress=False)
+        (folder / "timing.json").write_text(json.dumps({"pretrain_seconds": round(time.perf_counter() - t0, 1)}))
+    return str(export)
+
+
+def target_config(target: str, extra: list[str]):
+    from jepa4rec_dist.config import load_config
+
+    return load_config([target], extra)
+
+
+def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int):
+    """(scorer, fit report, fit seconds) of one way of using `encoder` on the target."""
+    from dataclasses import replace
+
+    from jepa4rec_dist.eval.run import model_scorer
+
+    if way == "zero-shot":
+        cfg = target_config(target, [])
+        return cfg, model_scorer(cfg, encoder, ctx.tok, ctx.table, progress=False, name=f"{arm} {way}"), {}, 0.0
+    kind, fraction = way.split("-")
+    fraction = float(fraction)
+    low = [f"--finetune.low_resource_fraction={fraction}"] if fraction < 1 else []
+    folder = out / arm / way
+    if kind == "vectors":
+        from jepa4rec_dist.hybrid.train import train_hybrid
+
+        cfg = target_config(target, [
+            "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
+            f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
+            "--hybrid.new_item_tolerance=0", *low])
+        if not (folder / "result.json").is_file():
+            log.info("train %s %s -> %s", arm, way, folder)
+            train_hybrid(cfg, progress=False)
+        result = json.loads((folder / "result.json").read_text())
+        fit = {**result["fit"], "text_from": encoder}
+        seconds = result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
+        return cfg, model_scorer(cfg, str(folder / "best"), ctx.tok, ctx.table, progress=False,
+                                 name=f"{arm} {way}"), fit, seconds
+    from jepa4rec_dist.train.finetune import finetune
+
+    cfg = target_config(target, [f"--finetune.output_dir={folder}", f"--finetune.init_from={encoder}", *low])
+    cfg = replace(cfg, finetune=replace(cfg.finetune, test_at_end=False))
+    if not (folder / "result.json").is_file():
+        log.info("finetune %s %s -> %s", arm, way, folder)
+        t0 = time.perf_counter()
+        finetune(cfg, progress=False)
+        (folder / "timing.json").write_text(json.dumps({"finetune_seconds": round(time.perf_counter() - t0, 1)}))
+    result = json.loads((folder / "result.json").read_text())
+    timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").is_file() else {}
+    fit = {"best": result.get("best"), "finetune_seconds": timing.get("finetune_seconds"), "init_from": encoder}
+    return cfg, model_scorer(cfg, str(folder / "best"), ctx.tok, ctx.table, progress=False,
+                             name=f"{arm} {way}"), fit, timing.get("finetune_seconds") or 0.0
+
+
+def run(args, arms: list[str], chosen_ways: list[str]) -> None:
+    from jepa4rec_dist.data.prepare import prepare
+    from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.run import evaluate_method, format_tables, write_evaluation
+
+    out = Path(args.out)
+    base = target_config(args.target, [])
+    if not (Path(base.data.out_dir) / "manifest.json").is_file():
+        log.info("prepare the target %s", base.data.out_dir)
+        prepare(base, progress=False)
+    ctx = EvalContext.build(base)
+    for arm in arms:
+        encoder = pretrained(arm, args.source, out)
+        for way in chosen_ways:
+            path = out / arm / f"eval-{args.split}" / f"{way}.json"
+            if path.is_file():
+                log.info("%s %s: done (%s)", arm, way, path)
+                continue
+            cfg, scorer, fit, seconds = run_way(arm, way, encoder, args.target, out, ctx, args.patience)
+            t0 = time.perf_counter()
+            pre = out / arm / "pretrain" / "timing.json"
+            fit = {**fit, "arm": arm, "way": way, "encoder": encoder,
+                   "pretrain_seconds": json.loads(pre.read_text())["pretrain_seconds"] if pre.is_file() else None}
+            ev = evaluate_method(cfg, scorer, args.split, progress=False, ctx=ctx, fit=fit,
+                                 seconds_fit=seconds + time.perf_counter() - t0, name=f"{arm} {way}")
+            doc = write_evaluation(path, cfg, ctx, [ev], args.split)
+            log.info("%s %s\n%s", arm, way, format_tables([r for r in doc["rows"] if r["setting"] == "all"],
+                                                          tuple(cfg.eval.ks), doc["primary_protocol"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------
+def load(out: Path, split: str) -> dict:
+    """{arm: {way: (eval json document, rank file)}} of every evaluation under `out`."""
+    from jepa4rec_dist.eval.ranks import read_ranks
+
+    found: dict = {}
+    for path in sorted(out.glob(f"*/eval-{split}/*.json")):
+        doc = json.loads(path.read_text())
+        arm, way = path.parent.parent.name, path.stem
+        found.setdefault(arm, {})[way] = (doc, read_ranks(path.parent / doc["methods"][0]["ranks_file"]))
+    return found
+
+
+def way_order(way: str) -> tuple:
+    if way == "zero-shot":
+        return (0, 0.0)
+    kind, fraction = way.split("-")
+    return (1 if kind == "vectors" else 2, float(fraction))
+
+
+def summarise(found: dict, samples: int) -> dict:
+    from jepa4rec_dist.eval.compare import compare
+    from jepa4rec_dist.eval.harness import PROTOCOLS
+
+    arms = [a for a in (*MAIN_ARMS, *sorted(set(found) - set(MAIN_ARMS))) if a in found]
+    all_ways = sorted({w for a in arms for w in found[a]}, key=way_order)
+    cells, pairs = {}, []
+    for arm in arms:
+        for way, (doc, _) in found[arm].items():
+            for row in doc["rows"]:
+                if row["setting"] == "all":
+                    cells.setdefault(arm, {}).setdefault(way, {})[row["protocol"]] = {
+                        "ndcg@10": row["ndcg@10"], "recall@10": row["recall@10"], "mrr": row["mrr"],
+                        "users": row["users"], "seconds": doc["methods"][0]["seconds"],
+                        "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds")}
+    against = [(a, "minilm") for a in arms if a != "minilm"] + [("jepa", "recformer")] + \
+        [(a, "jepa") for a in arms if a not in MAIN_ARMS]
+    for a, b in against:
+        if a not in found or b not in found:
+            continue
+        for way in all_ways:
+            if way in found[a] and way in found[b]:
+                for r in compare(found[a][way][1], found[b][way][1], settings=("all",), protocols=PROTOCOLS,
+                                 metrics=("ndcg@10",), samples=samples):
+                    if r.get("users"):
+                        pairs.append({**r, "arm_a": a, "arm_b": b, "way": way})
+    return {"arms": arms, "ways": all_ways, "cells": cells, "pairs": pairs}
+
+
+def markdown(summary: dict, split: str, source: str, target: str, version: dict) -> str:
+    from jepa4rec_dist.eval.harness import PROTOCOLS
+
+    lines = ["# Transfer: pretraining on one dataset, used on another", "",
+             f"Generated by `python benchmarks/quality/transfer.py --report` (do not edit by hand). Source recipe "
+             f"`{source}`, target recipe `{target}`, {split} split, git {version.get('git_sha', '?')[:7]}. Arms: how "
+             "the encoder was pretrained on the source (`minilm`: not at all). Ways: `zero-shot` (the token-level "
+             "encoder as it is), `vectors-F` (the item-vector model's text-only mode over the arm's item vectors, "
+             "trained on a share F of the target's training users), `tokens-F` (token-level two-stage finetuning on "
+             "that share). NDCG@10, all users of the split.", ""]
+    arms, ways_ = summary["arms"], summary["ways"]
+    for protocol in PROTOCOLS:
+        lines += [f"## {protocol}", "", "| way | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for way in ways_:
+            vals = []
+            for arm in arms:
+                c = summary["cells"].get(arm, {}).get(way, {}).get(protocol)
+                vals.append("-" if c is None else f"{c['ndcg@10']:.4f}")
+            lines.append(f"| {way} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["## Paired differences (NDCG@10)", "",
+              "A - B over the same users, 95% paired bootstrap interval, two-sided paired randomization p. "
+              "**A beats B** only where the interval excludes zero; the ratio is A / B.", "",
+              "| protocol | way | arm A | arm B | A | B | A / B | A - B | 95% interval | p | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["pairs"]:
+        ratio = f"{r['a'] / r['b']:.2f}x" if r["b"] > 0 else "-"
+        verdict = ("**A beats B**" if r["low"] > 0 else "**B beats A**" if r["high"] < 0
+                   else "no significant difference")
+        lines.append(f"| {r['protocol']} | {r['way']} | {r['arm_a']} | {r['arm_b']} | {r['a']:.4f} | {r['b']:.4f} | "
+                     f"{ratio} | {r['diff']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['p_value']:.4f} | "
+                     f"{verdict} |")
+    lines += ["", "## Cost", "", "| arm | pretraining s | " + " | ".join(f"{w} s" for w in ways_) + " |",
+              "|---|---|" + "---|" * len(ways_)]
+    for arm in arms:
+        row = summary["cells"].get(arm, {})
+        pre = next((c.get("pretrain_seconds") for w in row.values() for c in w.values()), None)
+        secs = []
+        for way in ways_:
+            c = next(iter(row.get(way, {}).values()), None)
+            secs.append("-" if c is None else f"{c['seconds']:.0f}")
+        lines.append(f"| {arm} | {'-' if pre is None else f'{pre:.0f}'} | " + " | ".join(secs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jepa4rec_dist.eval.harness import EXCLUDED
+
+    arms, ways_ = summary["arms"], summary["ways"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ways_) * len(arms) / 2), 4))
+    width = 0.8 / max(1, len(arms))
+    for i, arm in enumerate(arms):
+        ys = [summary["cells"].get(arm, {}).get(w, {}).get(EXCLUDED, {}).get("ndcg@10", float("nan")) for w in ways_]
+        ax.bar([j + i * width for j in range(len(ways_))], ys, width, label=arm)
+    ax.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(ways_))], ways_, rotation=20)
+    ax.set_ylabel(f"NDCG@10 ({EXCLUDED})")
+    ax.set_title("Transfer to the target, per pretraining arm")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    from jepa4rec_dist.eval.context import code_version
+
+    found = load(Path(args.out), args.split)
+    if not found:
+        raise SystemExit(f"no evaluations under {args.out}/*/eval-{args.split}/: run the arms first")
+    summary = summarise(found, args.samples)
+    version = code_version()
+    stem = "TRANSFER" if args.split == "test" else f"TRANSFER-{args.split}"
+    folder = Path(args.report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(markdown(summary, args.split, args.source, args.target, version))
+    (folder / f"{stem.lower()}.json").write_text(json.dumps({**summary, **version, "split": args.split}, indent=1))
+    plot(summary, folder / f"{stem.lower()}.png")
+    print(f"wrote {folder / (stem + '.md')}, {stem.lower()}.json, {stem.lower()}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="configs/experiments/transfer-ml1m.yaml", help="pretraining recipe")
+    parser.add_argument("--target", default="configs/experiments/quality-ml100k.yaml", help="target recipe")
+    parser.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--ways", default="zero-shot,vectors,tokens")
+    parser.add_argument("--fractions", default="0.01,0.05,1", help="shares of the target's training users")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    parser.add_argument("--patience", type=int, default=10, help="validations without a better NDCG@10 (trained ways)")
+    parser.add_argument("--out", default="runs/transfer/ml-1m-to-ml-100k")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--report", action="store_true", help="write TRANSFER.md / transfer.json / transfer.png")
+    parser.add_argument("--samples", type=int, default=10_000, help="bootstrap / randomization samples")
+    parser.add_argument("--report-dir", default=str(REPORT_DIR), help="where --report writes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.report:
+        report(args)
+        return 0
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    if any(not 0 < f <= 1 for f in fractions):
+        raise SystemExit(f"--fractions must lie in (0, 1], got {fractions}")
+    run(args, arms, ways(args.ways, fractions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

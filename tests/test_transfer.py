@@ -1,0 +1,135 @@
+"""Pretraining on one dataset, used on another with another catalogue: the model moves, the item table does not
+(issue 13), and the transfer runner (benchmarks/quality/transfer.py) end to end on tiny data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from benchmarks.quality import transfer
+from jepa4rec_dist.config import load_config
+from jepa4rec_dist.data.items import ItemTable
+from jepa4rec_dist.eval.run import model_scorer
+from jepa4rec_dist.train.finetune import finetune
+from jepa4rec_dist.train.pretrain import pretrain
+from tests.conftest import prepare_generic
+
+TINY = [Path("configs/model/tiny.yaml")]
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory):
+    """Another catalogue (25 items, other users) than `uneven_dataset` (40 items)."""
+    cfg, _ = prepare_generic(tmp_path_factory.mktemp("other"), n_users=30, samples_per_shard=8, n_items=25, seed=5)
+    return Path(cfg.data.out_dir)
+
+
+def _pretrain(root, out, *extra):
+    return pretrain(load_config(TINY, [f"--data.out_dir={root}", f"--train.output_dir={out}", "--train.max_steps=2",
+                                       "--loader.batch_size=4", "--loader.num_workers=0", "--train.lr=1e-3", *extra]),
+                    progress=False)
+
+
+def _finetune(root, out, init_from):
+    return finetune(load_config(TINY, [f"--data.out_dir={root}", f"--finetune.output_dir={out}",
+                                       f"--finetune.init_from={init_from}", "--finetune.stage1_epochs=1",
+                                       "--finetune.stage2_epochs=1", "--finetune.lr=1e-3", "--loader.num_workers=0"]),
+                    progress=False)
+
+
+def test_an_export_of_another_catalogue_pretrains_and_finetunes_here(uneven_dataset, other_dataset, tmp_path):
+    source, target = uneven_dataset[0], other_dataset
+    assert ItemTable.load(source).num_items == 40 and ItemTable.load(target).num_items == 25
+    pre = _pretrain(source, tmp_path / "pre-source")
+    _finetune(source, tmp_path / "ft-source", pre["export"])
+    source_best = tmp_path / "ft-source" / "best"
+    source_weights = load_file(str(source_best / "model.safetensors"))
+    assert source_weights["item_table"].shape[0] == 40  # the source's catalogue
+
+    # the source's finetuned export scored on the target as it is: its table belongs to another catalogue
+    cfg = load_config(TINY, [f"--data.out_dir={target}"])
+    table = ItemTable.load(target)
+    from jepa4rec_dist.data.shards import load_manifest
+    from jepa4rec_dist.data.tokenization import TokenizerInfo
+
+    tok = TokenizerInfo.from_dict(load_manifest(target)["tokenizer"])
+    with pytest.raises(ValueError, match="item table has 40 rows, the dataset has 25 items"):
+        model_scorer(cfg, str(source_best), tok, table, progress=False)
+
+    # pretraining on the target starts from the source's encoder and drops its item table
+    pre_target = _pretrain(target, tmp_path / "pre-target", f"--model.init_from={source_best}")
+    weights = load_file(str(Path(pre_target["export"]) / "model.safetensors"))
+    assert "item_table" not in weights
+    # finetuning on the target from the source's finetuned export rebuilds the table for the target's items
+    result = _finetune(target, tmp_path / "ft-target", str(source_best))
+    rebuilt = load_file(str(tmp_path / "ft-target" / "best" / "model.safetensors"))["item_table"]
+    assert rebuilt.shape == (25, source_weights["item_table"].shape[1])
+    assert set(result["test"]) >= {"ndcg@10", "mrr"}
+    scorer = model_scorer(cfg, str(tmp_path / "ft-target" / "best"), tok, table, progress=False)
+    assert scorer.num_items == 25
+
+
+def test_pretraining_starts_from_the_source_encoder(uneven_dataset, other_dataset, tmp_path):
+    """The target run's first step uses the source export's weights, not a fresh initialisation: its step-1
+    loss equals the loss of a run that starts from the same export again, and differs from a random start."""
+    source, target = uneven_dataset[0], other_dataset
+    pre = _pretrain(source, tmp_path / "pre-source", "--train.max_steps=3")
+
+    def first_loss(out, *extra):
+        _pretrain(target, out, "--train.max_steps=1", "--train.log_every=1", *extra)
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    a = first_loss(tmp_path / "a", f"--model.init_from={pre['export']}")
+    b = first_loss(tmp_path / "b", f"--model.init_from={pre['export']}")
+    fresh = first_loss(tmp_path / "c")
+    assert a == pytest.approx(b, rel=1e-6) and a != pytest.approx(fresh, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, monkeypatch):
+    source, target = uneven_dataset[0], other_dataset
+    model = "model: {init_from: null, hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, " \
+            "attention_window: 8}\n"
+    (tmp_path / "source.yaml").write_text(
+        f"data: {{out_dir: {source}}}\n{model}loader: {{batch_size: 4, num_workers: 0}}\n"
+        "train: {max_steps: 2, lr: 1.0e-3, log_every: 1, save_every: 2}\n")
+    (tmp_path / "target.yaml").write_text(
+        f"data: {{out_dir: {target}}}\n{model}loader: {{batch_size: 4, num_workers: 0}}\n"
+        "finetune: {stage1_epochs: 1, stage2_epochs: 1, lr: 1.0e-3, batch_size: 4}\n"
+        "hybrid: {epochs: 2, hidden: 16, layers: 1, max_len: 8, lr: 1.0e-2}\n")
+    # the raw-MiniLM arm is the real 22M-parameter model: left out here (its zero-shot path is the export's)
+    out, reports = tmp_path / "runs", tmp_path / "report"
+    common = ["--source", str(tmp_path / "source.yaml"), "--target", str(tmp_path / "target.yaml"),
+              "--out", str(out), "--report-dir", str(reports), "--samples", "200"]
+    assert transfer.main([*common, "--arms", "jepa,recformer", "--ways", "zero-shot,vectors,tokens",
+                          "--fractions", "0.5,1"]) == 0
+    ways = ["zero-shot", "vectors-0.5", "vectors-1", "tokens-0.5", "tokens-1"]
+    for arm in ("jepa", "recformer"):
+        assert (out / arm / "pretrain" / "export" / "config.json").is_file()
+        assert sorted(p.stem for p in (out / arm / "eval-test").glob("*.json")) == sorted(ways)
+    # 50% of the users: the trained ways saw half of the training sequences
+    half = json.loads((out / "jepa" / "eval-test" / "vectors-0.5.json").read_text())
+    assert half["low_resource_fraction"] == 0.5
+    # a second run finds everything done: nothing is trained or evaluated again
+    stamp = (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "tokens", "--fractions", "1"]) == 0
+    assert (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns == stamp
+
+    assert transfer.main([*common, "--report"]) == 0
+    summary = json.loads((reports / "transfer.json").read_text())
+    assert summary["arms"] == ["jepa", "recformer"] and summary["ways"] == ways
+    # every cell is the number of its evaluation JSON, and the pairs are JEPA4Rec against RecFormer's objective
+    for arm in summary["arms"]:
+        for way in ways:
+            doc = json.loads((out / arm / "eval-test" / f"{way}.json").read_text())
+            row = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == "history-excluded")
+            assert summary["cells"][arm][way]["history-excluded"]["ndcg@10"] == row["ndcg@10"]
+    pairs = {(p["arm_a"], p["arm_b"], p["way"], p["protocol"]) for p in summary["pairs"]}
+    assert {("jepa", "recformer", w, "history-excluded") for w in ways} <= pairs
+    text = (reports / "TRANSFER.md").read_text()
+    assert "| vectors-0.5 |" in text and "Paired differences" in text and (reports / "transfer.png").is_file()
+    with pytest.raises(SystemExit, match="unknown arms"):
+        transfer.main([*common, "--arms", "bert"])
+    with pytest.raises(SystemExit, match="unknown way"):
+        transfer.main([*common, "--ways", "zero"])
