@@ -102,15 +102,18 @@ def _dq_kernel(Q, K, LSE, W, DQ_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_s
         col_ok = cols < hi
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
         s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
-        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0) * w[:, None]
+        # P in [0, 1] goes into the low-precision dot; the row weight (1/N for a mean: tiny) is applied to the
+        # fp32 accumulator, so fp16 inputs do not flush w * P to zero
+        p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         k = tl.load(K + cols[:, None].to(tl.int64) * d + offs_v[None, :], mask=col_ok[:, None] & v_ok[None, :], other=0.0)
         acc += _dot(p.to(k.dtype), k, PREC, UPCAST)
+    acc = acc * w[:, None]
     ptrs = DQ_PART + (split * N + rows[:, None]).to(tl.int64) * d + offs_v[None, :]
     tl.store(ptrs, acc, mask=row_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit
-def _dk_kernel(Q, K, LSE, W, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, out_scale,
+def _dk_kernel(Q, K, LSE, W, W_MAX, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, out_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr, HAS_IDS: tl.constexpr):
     pid_n, pid_d = tl.program_id(0), tl.program_id(1)
@@ -119,18 +122,21 @@ def _dk_kernel(Q, K, LSE, W, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, out_scal
     offs_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = offs_v < d
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # row weights vary inside a tile, so they stay in the product, divided by their largest magnitude (<= 1
+    # after it, >= 1/N-sized values no longer flush to zero in fp16); the accumulator is scaled back at the end
+    w_max = tl.load(W_MAX)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
         s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        w = tl.load(W + rows, mask=row_ok, other=0.0)
+        w = tl.load(W + rows, mask=row_ok, other=0.0) / w_max
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0) * w[:, None]
         q = tl.load(Q + rows[:, None].to(tl.int64) * d + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         acc += _dot(tl.trans(p.to(q.dtype)), q, PREC, UPCAST)
     ptrs = DK + cols[:, None].to(tl.int64) * d + offs_v[None, :]
-    tl.store(ptrs, (acc * out_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & v_ok[None, :])
+    tl.store(ptrs, (acc * (out_scale * w_max)).to(DK.dtype.element_ty), mask=col_ok[:, None] & v_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,8 +214,9 @@ def grads(q, k, lse, weight, inv_temp, need_dk, splits, targets, key_ids=None):
     dk = None
     if need_dk:
         dk = torch.empty(n_keys, d, device=q.device, dtype=torch.float32)
+        w_max = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)  # on device: no sync
         _dk_kernel[(triton.cdiv(n_keys, cfg["BLOCK_N"]), n_dv)](
-            q, k, lse2, weight, dk, row_ids, tgt, kid, n_rows, n_keys, d, inv_temp * _LOG2E, inv_temp,
+            q, k, lse2, weight, w_max, dk, row_ids, tgt, kid, n_rows, n_keys, d, inv_temp * _LOG2E, inv_temp,
             BLOCK_DV=cfg["BLOCK_DV"], HAS_IDS=has_ids, **_launch(cfg))
     return dq, dk
 

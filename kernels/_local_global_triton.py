@@ -137,8 +137,8 @@ def _row_kernel(
 
     BACKWARD=False: OUT <- attention output, LSE <- base-2 log-sum-exp.  BACKWARD=True: OUT <- dQ.
     """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
@@ -219,8 +219,8 @@ def _col_kernel(
     GLOBAL_COLS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV for one block of keys (band mode) or one chunk of global keys (global mode, accumulates)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid = tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * L * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
@@ -321,10 +321,10 @@ def attention_forward(q, k, v, window, kpad, gmask, gidx, gcnt):
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     args = (q, k, v, out, out, lse, lse, kpad, gidx, gcnt)  # DO/DELTA slots unused in the forward
     row, length, bg = cfg["row"], a["length"], cfg["BLOCK_G"]
-    _row_kernel[(triton.cdiv(length, row["BLOCK_M"]), a["grid_bh"])](
+    _row_kernel[(a["grid_bh"], triton.cdiv(length, row["BLOCK_M"]))](
         *args, out_scale=1.0, GLOBAL_ROWS=False, BACKWARD=False, **row, **a["common"])
     # global query rows: launched second, overwrites the band result of those rows
-    _row_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+    _row_kernel[(a["grid_bh"], triton.cdiv(length, bg))](
         *args, out_scale=1.0, GLOBAL_ROWS=True, BACKWARD=False, **dict(row, BLOCK_M=bg), **a["common"])
     return out, lse
 
@@ -337,16 +337,16 @@ def attention_backward(q, k, v, out, lse, dout, window, kpad, gmask, gidx, gcnt)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     row, col, length, bg = cfg["row"], cfg["col"], a["length"], cfg["BLOCK_G"]
     row_args = (q, k, v, dq, dout, lse, delta, kpad, gidx, gcnt)
-    _row_kernel[(triton.cdiv(length, row["BLOCK_M"]), a["grid_bh"])](
+    _row_kernel[(a["grid_bh"], triton.cdiv(length, row["BLOCK_M"]))](
         *row_args, out_scale=a["sm_scale"], GLOBAL_ROWS=False, BACKWARD=True, **row, **a["common"])
-    _row_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+    _row_kernel[(a["grid_bh"], triton.cdiv(length, bg))](
         *row_args, out_scale=a["sm_scale"], GLOBAL_ROWS=True, BACKWARD=True, **dict(row, BLOCK_M=bg),
         **a["common"])
     col_args = (q, k, v, dout, lse, delta, dk, dv, kpad, gmask, gidx, gcnt)
-    _col_kernel[(triton.cdiv(length, col["BLOCK_N"]), a["grid_bh"])](
+    _col_kernel[(a["grid_bh"], triton.cdiv(length, col["BLOCK_N"]))](
         *col_args, sm_scale=a["sm_scale"], GLOBAL_COLS=False, **col, **a["common"])
     # global keys outside the band: launched second, adds onto the band result of those keys
-    _col_kernel[(triton.cdiv(length, bg), a["grid_bh"])](
+    _col_kernel[(a["grid_bh"], triton.cdiv(length, bg))](
         *col_args, sm_scale=a["sm_scale"], GLOBAL_COLS=True, **dict(col, BLOCK_N=bg), **a["common"])
     return dq, dk, dv
 

@@ -137,7 +137,10 @@ def _build_flex_mask(create_block_mask, batch, length, window, device, global_ma
         near = (q_idx - kv_idx).abs() <= window
         return (near | glob[b, q_idx] | glob[b, kv_idx]) & ~pad[b, kv_idx] & ~pad[b, q_idx]
 
-    return create_block_mask(mask_mod, batch, None, length, length, device=device), glob, pad
+    # _compile=True: the mask is built block by block by a compiled kernel; eager it materialises a dense
+    # B x L x L bool tensor first (gigabytes at L = 16k)
+    return create_block_mask(mask_mod, batch, None, length, length, device=device,
+                             _compile=device.type == "cuda"), glob, pad
 
 
 def _global_index(batch, length, device, global_mask, padding_mask):

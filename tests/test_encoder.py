@@ -29,7 +29,6 @@ def minilm_encoder():
     tok = TokenizerInfo.from_tokenizer("minilm", load_tokenizer("minilm"))
     cfg = load_config(["configs/model/minilm.yaml"], ["--model.attention_backend=reference", "--model.attention_window=1000"])
     enc, head, _ = build_encoder(cfg.model, tok)
-    torch.nn.init.zeros_(enc.embeddings.item_position_embeddings.weight)
     return enc.eval(), head, tok
 
 
@@ -40,11 +39,28 @@ def test_minilm_import_matches_hf_bert(minilm_encoder):
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
         ref = bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        ours = enc(ids, pos, types, torch.zeros_like(ids), mask, glob)  # all 4 type rows = BERT's row 0
+        # all 4 type rows = BERT's row 0; item positions start at zero (ours, not in the checkpoint), so any
+        # item numbering gives BERT's function exactly, whatever the process's random state
+        items = torch.randint(0, 50, ids.shape, generator=torch.Generator().manual_seed(3))
+        ours = enc(ids, pos, types, items, mask, glob)
     assert (ref - ours)[mask].abs().max() < 1e-4
     # positions beyond BERT's 512 were tiled from its table
     table = enc.embeddings.position_embeddings.weight
     assert torch.equal(table[512:1024], table[:512])
+
+
+def test_an_imported_checkpoint_does_not_depend_on_the_seed():
+    """A HF import is the checkpoint, nothing random: two builds under different seeds are equal tensor by
+    tensor (the item-position table, which no checkpoint has, starts at zero)."""
+    tok = TokenizerInfo.from_tokenizer("minilm", load_tokenizer("minilm"))
+    cfg = load_config(["configs/model/minilm.yaml"])
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(build_encoder(cfg.model, tok, with_head=False)[0].state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert states[0]["embeddings.item_position_embeddings.weight"].abs().sum() == 0
 
 
 def test_roberta_import_matches_hf_roberta(tmp_path):

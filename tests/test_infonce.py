@@ -191,7 +191,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from kernels import _infonce_triton as m
     from kernels._triton_common import compile_for_gpu
     types = dict(N="i32", M="i32", d="i32", keys_per_split="i32", scale="fp32", out_scale="fp32",
-                 M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", DQ_PART="*fp32",
+                 M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", W_MAX="*fp32", DQ_PART="*fp32",
                  ROW_IDS="*i64", TGT="*i64", KEY_IDS="*i64")
     for tdt, dt, dim in [(torch.bfloat16, "bf16", 768), (torch.float32, "fp32", 64)]:
         cfg = m._config(dim, tdt, torch.device("cuda"))
@@ -215,3 +215,22 @@ def test_kernels_compile_for_sm90():
     rows = [line.split() for line in done.stdout.splitlines()]
     assert len(rows) == 6
     assert all(row[-1] == "0" for row in rows if row[1] == "bf16"), rows
+
+
+def test_fp16_gradients_do_not_underflow_with_small_row_weights():
+    """A mean over N rows weights each row's gradient by 1/N: with that weight inside the fp16 product, w * P
+    (~1/(N M) for a flat softmax over many keys) flushes to zero, and dQ loses its softmax term. Here weights
+    of 1/32768 (a mean over 32k rows) over 4,096 keys at temperature 1: w * P ~ 7e-9, below fp16's smallest
+    subnormal. (dK of such a batch, ~1e-7 a key, is below what an fp16 gradient can hold at all: not checked.)"""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(32, 16, generator=gen).half()
+    k = torch.randn(4096, 16, generator=gen).half()
+    targets = torch.randint(0, 4096, (32,), generator=gen)
+    weight = torch.full((32,), 1.0 / 32768)
+    grads = {}
+    for backend, dtype in (("reference", torch.float32), ("triton", torch.float16)):
+        qq, kk = q.to(dtype).requires_grad_(True), k.to(dtype).requires_grad_(True)
+        infonce_loss(qq, kk, targets, temperature=1.0, backend=backend, reduction="none").backward(weight)
+        grads[backend] = qq.grad.float()
+    rel = ((grads["triton"] - grads["reference"]).norm() / grads["reference"].norm()).item()
+    assert rel < 1e-2, rel

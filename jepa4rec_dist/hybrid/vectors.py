@@ -53,6 +53,12 @@ def source_identity(source: str) -> dict:
     ident = {"source": source, "folder": str(folder.resolve()), "weights_sha256": sha256_file(folder / weights[0])}
     if (folder / "config.json").is_file():
         ident["config_sha256"] = sha256_file(folder / "config.json")
+    from jepa4rec_dist.model.checkpoint import is_export
+
+    if not is_export(folder):
+        # a HF checkpoint is imported (the item-position table is ours): how it is imported is part of the
+        # vectors; caches written before the table started at zero (random then) are stale
+        ident["import"] = "item-positions-zero"
     return ident
 
 
