@@ -60,6 +60,9 @@ def environment(device: torch.device) -> dict:
                                text=True, timeout=10).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
+    stamp = REPO_ROOT / "GIT_SHA"  # a copy of the tree without .git (a GPU machine): written before it travels
+    if not sha and stamp.is_file():
+        sha, dirty = stamp.read_text().split()[0][:7], None
     try:
         import triton
 

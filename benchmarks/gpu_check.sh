@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One prepared check on a CUDA machine (the lent H100/H200): versions, the CUDA kernel tests, then the kernel
+# benchmark suite at the paper shapes, each step under its own time limit, everything written to $OUT.
+#   git rev-parse HEAD > GIT_SHA          # here, before the tree travels (the copy there has no .git)
+#   OUT=runs/gpu-check bash benchmarks/gpu_check.sh     # there; on the device tool $OUT is set for you
+# Files: env.txt, cuda-tests.log (per-test relative errors, durations), cuda-tests.xml, kernels-cuda.jsonl /
+# .md / .png, kernels.log. Estimated: tests ~3 min (Triton compiles included), benchmark <= 4 min (cut off).
+set -u
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  cat GIT_SHA 2>/dev/null || echo "no GIT_SHA file"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+start=$(date +%s)
+timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_kernels.py \
+  --junitxml="$OUT/cuda-tests.xml" --durations=12 > "$OUT/cuda-tests.log" 2>&1
+echo "cuda tests: exit $? after $(( $(date +%s) - start )) s"
+grep -E "passed|failed|error" "$OUT/cuda-tests.log" | tail -3
+grep -E "^FAILED|^ERROR|Error" "$OUT/cuda-tests.log" | head -20
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/run.py --suite kernels --device cuda --shapes paper \
+  --out "$OUT/kernels-cuda.jsonl" > "$OUT/kernels.log" 2>&1
+echo "kernel benchmark: exit $? after $(( $(date +%s) - start )) s"
+tail -25 "$OUT/kernels.log"
