@@ -9,6 +9,8 @@ set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the SHA the benchmark rows carry: the copy there may hold no .git, or the .git of another commit
+[ -f GIT_SHA ] && export JEPA4REC_GIT_SHA=$(cat GIT_SHA)
 {
   cat GIT_SHA 2>/dev/null || echo "no GIT_SHA file"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv

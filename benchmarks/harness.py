@@ -60,9 +60,8 @@ def environment(device: torch.device) -> dict:
                                text=True, timeout=10).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
-    stamp = REPO_ROOT / "GIT_SHA"  # a copy of the tree without .git (a GPU machine): written before it travels
-    if not sha and stamp.is_file():
-        sha, dirty = stamp.read_text().split()[0][:7], None
+    if os.environ.get("JEPA4REC_GIT_SHA"):  # a copy of the tree whose .git is absent or not this tree's
+        sha, dirty = os.environ["JEPA4REC_GIT_SHA"][:7], None  # (a GPU machine: benchmarks/gpu_check.sh sets it)
     try:
         import triton
 
