@@ -70,6 +70,20 @@ def test_an_export_of_another_catalogue_pretrains_and_finetunes_here(uneven_data
     assert scorer.num_items == 25
 
 
+def test_vector_stats_against_hand_values():
+    import numpy as np
+
+    # two orthogonal directions, equally used: cosine 0 between different vectors, effective rank 2
+    v = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    stats = transfer.vector_stats(v)
+    assert stats["effective_rank"] == pytest.approx(2.0) and stats["top_share"] == pytest.approx(0.5)
+    # pairs: (1,2) 0, (1,3) -1, (1,4) 0, (2,3) 0, (2,4) -1, (3,4) 0 -> mean -2/6
+    assert stats["mean_cosine"] == pytest.approx(-1 / 3, abs=1e-4)
+    # one vector repeated: cosine 1, all energy in one direction after centring a 2-point spread
+    collapsed = transfer.vector_stats(np.array([[1.0, 0.0], [1.0, 0.001], [1.0, -0.001]]))
+    assert collapsed["mean_cosine"] > 0.99 and collapsed["effective_rank"] == pytest.approx(1.0, abs=1e-3)
+
+
 def test_pretraining_starts_from_the_source_encoder(uneven_dataset, other_dataset, tmp_path):
     """The target run's first step uses the source export's weights, not a fresh initialisation: its step-1
     loss equals the loss of a run that starts from the same export again, and differs from a random start."""
@@ -127,6 +141,8 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
             assert summary["cells"][arm][way]["history-excluded"]["ndcg@10"] == row["ndcg@10"]
     pairs = {(p["arm_a"], p["arm_b"], p["way"], p["protocol"]) for p in summary["pairs"]}
     assert {("jepa", "recformer", w, "history-excluded") for w in ways} <= pairs
+    assert set(summary["vectors"]) == {"jepa", "recformer"}
+    assert all(0 < v["effective_rank"] <= 32 for v in summary["vectors"].values())  # tiny model: 32 dims
     text = (reports / "TRANSFER.md").read_text()
     assert "| vectors-0.5 |" in text and "Paired differences" in text and (reports / "transfer.png").is_file()
     with pytest.raises(SystemExit, match="unknown arms"):

@@ -197,6 +197,35 @@ def way_order(way: str) -> tuple:
     return (1 if kind == "vectors" else 2, float(fraction))
 
 
+def vector_stats(vectors) -> dict:
+    """Spread of unit item vectors: mean pairwise cosine, effective rank (exp of the entropy of the centred
+    singular-value energy), share of the top direction. A collapsed encoder shows a high cosine, a low rank."""
+    import numpy as np
+
+    v = np.asarray(vectors, dtype=np.float64)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+    n = len(v)
+    total = v.sum(0)
+    mean_cos = float((total @ total - n) / max(1, n * n - n))
+    energy = np.linalg.svd(v - v.mean(0), compute_uv=False) ** 2
+    share = energy / energy.sum()
+    rank = float(np.exp(-(share * np.log(share + 1e-300)).sum()))
+    return {"mean_cosine": round(mean_cos, 4), "effective_rank": round(rank, 1), "top_share": round(float(share[0]), 4)}
+
+
+def arm_vectors(found: dict, target: str) -> dict:
+    """{arm: vector_stats} of each arm's item vectors on the target catalogue (from the cache when it is there)."""
+    from jepa4rec_dist.hybrid.vectors import item_vectors
+
+    cfg = target_config(target, [])
+    out = {}
+    for arm, evaluated in found.items():
+        encoder = next(iter(evaluated.values()))[0]["methods"][0]["fit"].get("encoder")
+        if encoder and (encoder == "minilm" or Path(encoder).is_dir()):
+            out[arm] = vector_stats(item_vectors(cfg, cfg.data.out_dir, encoder, progress=False, stale_ok=True)[0])
+    return out
+
+
 def summarise(found: dict, samples: int) -> dict:
     from jepa4rec_dist.eval.compare import compare
     from jepa4rec_dist.eval.harness import PROTOCOLS
@@ -258,6 +287,16 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
         lines.append(f"| {r['protocol']} | {r['way']} | {r['arm_a']} | {r['arm_b']} | {r['a']:.4f} | {r['b']:.4f} | "
                      f"{ratio} | {r['diff']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['p_value']:.4f} | "
                      f"{verdict} |")
+    if summary.get("vectors"):
+        lines += ["", "## Item vectors on the target catalogue", "",
+                  "Each arm's item vectors (what the `vectors-F` ways train on): mean pairwise cosine, effective rank "
+                  "(exp of the entropy of the centred singular-value energy), share of the top direction. A pretraining "
+                  "that collapses the item space shows a high cosine and a low rank.", "",
+                  "| arm | mean cosine | effective rank | top direction |", "|---|---|---|---|"]
+        for arm in arms:
+            v = summary["vectors"].get(arm)
+            if v:
+                lines.append(f"| {arm} | {v['mean_cosine']:.3f} | {v['effective_rank']:.1f} | {v['top_share']:.3f} |")
     lines += ["", "## Cost", "", "| arm | pretraining s | " + " | ".join(f"{w} s" for w in ways_) + " |",
               "|---|---|" + "---|" * len(ways_)]
     for arm in arms:
@@ -301,6 +340,7 @@ def report(args) -> None:
     if not found:
         raise SystemExit(f"no evaluations under {args.out}/*/eval-{args.split}/: run the arms first")
     summary = summarise(found, args.samples)
+    summary["vectors"] = arm_vectors(found, args.target)
     version = code_version()
     stem = "TRANSFER" if args.split == "test" else f"TRANSFER-{args.split}"
     folder = Path(args.report_dir)
