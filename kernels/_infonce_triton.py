@@ -48,11 +48,17 @@ def _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K: tl.constexpr, P
 
 
 @triton.jit
-def _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS: tl.constexpr):
+def _row_ids(ROW_IDS, TGT, rows, row_ok, HAS_IDS: tl.constexpr):
+    """(positive id, target index) of each row: loaded once per program, int32 (ids < 2^31)."""
+    if HAS_IDS:
+        return tl.load(ROW_IDS + rows, mask=row_ok, other=-1), tl.load(TGT + rows, mask=row_ok, other=-1)
+    return rows, rows
+
+
+@triton.jit
+def _drop_duplicates(s, rid, tgt, KEY_IDS, cols, col_ok, HAS_IDS: tl.constexpr):
     """-inf where key j has row r's positive id but is not its positive (duplicate-positive masking)."""
     if HAS_IDS:
-        rid = tl.load(ROW_IDS + rows, mask=row_ok, other=-1)
-        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
         kid = tl.load(KEY_IDS + cols, mask=col_ok, other=-2)
         drop = (rid[:, None] == kid[None, :]) & (tgt[:, None] != cols[None, :])
         s = tl.where(drop, float("-inf"), s)
@@ -66,6 +72,7 @@ def _lse_kernel(Q, K, M_PART, L_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_s
     pid_m, split = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
+    rid, tgt = _row_ids(ROW_IDS, TGT, rows, row_ok, HAS_IDS)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite start: no inf - inf on empty tiles
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = split * keys_per_split
@@ -75,7 +82,7 @@ def _lse_kernel(Q, K, M_PART, L_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_s
         col_ok = cols < hi
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
+        s = _drop_duplicates(s, rid, tgt, KEY_IDS, cols, col_ok, HAS_IDS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -94,6 +101,7 @@ def _dq_kernel(Q, K, LSE, W, DQ_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_s
     v_ok = offs_v < d
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     w = tl.load(W + rows, mask=row_ok, other=0.0)
+    rid, tgt = _row_ids(ROW_IDS, TGT, rows, row_ok, HAS_IDS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, M)
@@ -101,7 +109,7 @@ def _dq_kernel(Q, K, LSE, W, DQ_PART, ROW_IDS, TGT, KEY_IDS, N, M, d, keys_per_s
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
-        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
+        s = _drop_duplicates(s, rid, tgt, KEY_IDS, cols, col_ok, HAS_IDS)
         # P in [0, 1] goes into the low-precision dot; the row weight (1/N for a mean: tiny) is applied to the
         # fp32 accumulator, so fp16 inputs do not flush w * P to zero
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -129,7 +137,8 @@ def _dk_kernel(Q, K, LSE, W, W_MAX, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, o
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         s = _logits(Q, K, rows, row_ok, cols, col_ok, d, scale, BLOCK_K, PREC, UPCAST, BLOCK_M, BLOCK_N)
-        s = _drop_duplicates(s, ROW_IDS, TGT, KEY_IDS, rows, row_ok, cols, col_ok, HAS_IDS)
+        rid, tgt = _row_ids(ROW_IDS, TGT, rows, row_ok, HAS_IDS)
+        s = _drop_duplicates(s, rid, tgt, KEY_IDS, cols, col_ok, HAS_IDS)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         w = tl.load(W + rows, mask=row_ok, other=0.0) / w_max
         p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0) * w[:, None]
@@ -172,8 +181,8 @@ def _ids(targets, key_ids):
     """(row ids, targets, key ids, HAS_IDS) kernel arguments; placeholders when there are no key ids."""
     if key_ids is None:
         return targets, targets, targets, False
-    key_ids = key_ids.contiguous()
-    return key_ids[targets].contiguous(), targets.contiguous(), key_ids, True
+    key_ids = key_ids.to(torch.int32).contiguous()  # ids and indices < 2^31: half the registers of int64
+    return key_ids[targets].contiguous(), targets.to(torch.int32).contiguous(), key_ids, True
 
 
 def lse_rows(q, k, inv_temp, splits, targets, key_ids=None):

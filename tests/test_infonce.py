@@ -192,7 +192,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from kernels._triton_common import compile_for_gpu
     types = dict(N="i32", M="i32", d="i32", keys_per_split="i32", scale="fp32", out_scale="fp32",
                  M_PART="*fp32", L_PART="*fp32", LSE="*fp32", W="*fp32", W_MAX="*fp32", DQ_PART="*fp32",
-                 ROW_IDS="*i64", TGT="*i64", KEY_IDS="*i64")
+                 ROW_IDS="*i32", TGT="*i32", KEY_IDS="*i32")
     for tdt, dt, dim in [(torch.bfloat16, "bf16", 768), (torch.float32, "fp32", 64)]:
         cfg = m._config(dim, tdt, torch.device("cuda"))
         types.update(Q="*" + dt, K="*" + dt, DK="*" + dt)
