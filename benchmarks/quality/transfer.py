@@ -52,6 +52,8 @@ ARMS: dict[str, list[str] | None] = {
     "jepa-nomlm": ["--pretrain.objective=jepa", "--pretrain.mlm_weight=0"],
     "jepa-mask15": ["--pretrain.objective=jepa", "--pretrain.masking.ratio=0.15"],
     "contrastive": ["--pretrain.objective=recformer", "--pretrain.mlm_weight=0"],  # unmasked views, no MLM
+    # against the item-space collapse (benchmarks/EXPERIMENTS.md): a third of the step
+    "jepa-nomlm-lr3e5": ["--pretrain.objective=jepa", "--pretrain.mlm_weight=0", "--train.lr=3e-5"],
 }
 MAIN_ARMS = ("minilm", "jepa", "recformer")
 REPORT_DIR = ROOT / "benchmarks" / "quality"
