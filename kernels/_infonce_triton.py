@@ -10,8 +10,9 @@ normalises q and k in torch (autograd handles the normalisation's backward) and 
               dQ[:, slice] += (w * P) @ K[:, slice]; per-split partials (fp32) summed in torch.
     dK pass   grid (key blocks, d slices): loop over all query tiles, dK[:, slice] += (w * P)^T @ Q.
     The target term (-w_i k_t / tau into dQ, -w_i q_i / tau into dK[t_i]) is a gather / index_add in torch.
-    With key ids (duplicate positives masked): every pass loads the row's positive id and target index and
-    the tile's key ids and sets the excluded logits to -inf (so P = 0 there); HAS_IDS=False compiles it out.
+    With key ids (duplicate positives masked): each program loads its rows' positive ids and target indices once
+    (int32), each tile its key ids, and the excluded logits become -inf (so P = 0 there); HAS_IDS=False
+    compiles it out.
 
 The N x M logit matrix never exists: memory is O((N + M) d) plus (splits x N x d) fp32 partials, capped.
 Cost: the logit tile is recomputed in every pass, and once per d slice of the accumulator (BLOCK_DV <= 256
