@@ -54,6 +54,7 @@ ARMS: dict[str, list[str] | None] = {
     "contrastive": ["--pretrain.objective=recformer", "--pretrain.mlm_weight=0"],  # unmasked views, no MLM
     # against the item-space collapse (benchmarks/EXPERIMENTS.md): a third of the step
     "jepa-nomlm-lr3e5": ["--pretrain.objective=jepa", "--pretrain.mlm_weight=0", "--train.lr=3e-5"],
+    "recformer-lr3e5": ["--pretrain.objective=recformer", "--train.lr=3e-5"],  # the same care for the peer
 }
 MAIN_ARMS = ("minilm", "jepa", "recformer")
 REPORT_DIR = ROOT / "benchmarks" / "quality"
