@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from benchmarks.quality import transfer
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.data.items import ItemTable
-from jepa4rec_dist.eval.run import model_scorer
+from jepa4rec_dist.eval.run import dataset, model_scorer
 from jepa4rec_dist.train.finetune import finetune
 from jepa4rec_dist.train.pretrain import pretrain
 from tests.conftest import prepare_generic
@@ -49,11 +49,7 @@ def test_an_export_of_another_catalogue_pretrains_and_finetunes_here(uneven_data
 
     # the source's finetuned export scored on the target as it is: its table belongs to another catalogue
     cfg = load_config(TINY, [f"--data.out_dir={target}"])
-    table = ItemTable.load(target)
-    from jepa4rec_dist.data.shards import load_manifest
-    from jepa4rec_dist.data.tokenization import TokenizerInfo
-
-    tok = TokenizerInfo.from_dict(load_manifest(target)["tokenizer"])
+    _, tok, table = dataset(cfg)  # the target's tokenizer and catalogue, as `jepa4rec evaluate` reads them
     with pytest.raises(ValueError, match="item table has 40 rows, the dataset has 25 items"):
         model_scorer(cfg, str(source_best), tok, table, progress=False)
 
