@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from jepa4rec_dist.cli import main
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.eval.harness import top_k
-from jepa4rec_dist.hybrid.model import HybridConfig, HybridSeqRec, mk_mmd
+from jepa4rec_dist.hybrid.model import HybridConfig, HybridSeqRec, mk_mmd, whitening
 from jepa4rec_dist.hybrid.scorer import hybrid_scorer
 from jepa4rec_dist.hybrid.vectors import cache_paths, item_vectors
 from jepa4rec_dist.train.finetune import finetune
@@ -201,8 +201,30 @@ def test_id_dropout_zeroes_the_dropped_items_ids_in_inputs_and_keys():
         HybridConfig(mode="text", id_dropout=0.1).validate("hybrid")
 
 
-def test_text_model_scores_an_item_added_after_training(successor, tmp_path, capsys):
-    result = finetune(hybrid_cfg(successor, tmp_path / "text", "--hybrid.mode=text"), progress=False)
+def test_whitening_by_hand():
+    # two directions with variances 4 and 1 (mean eigenvalue 2.5): shrink a maps s -> s * 2.5 / (s + 2.5 a)
+    x = torch.tensor([[2.0, 1.0], [-2.0, 1.0], [2.0, -1.0], [-2.0, -1.0]]) * math.sqrt(3 / 4) + torch.tensor([5.0, -1.0])
+    mean, white = whitening(x, 0.0)
+    assert torch.allclose(mean, torch.tensor([5.0, -1.0]))
+    assert torch.allclose(white, torch.diag(torch.tensor([math.sqrt(2.5 / 4), math.sqrt(2.5 / 1)])), atol=1e-6)
+    y = (x - mean) @ white
+    assert torch.allclose(torch.cov(y.T), 2.5 * torch.eye(2), atol=1e-5)  # white, total variance kept (5)
+    _, shrunk = whitening(x, 0.4)  # s + a mean = 4 + 1, 1 + 1
+    assert torch.allclose(shrunk, torch.diag(torch.tensor([math.sqrt(2.5 / 5), math.sqrt(2.5 / 2)])), atol=1e-6)
+    # a rotated cloud: the map is symmetric (ZCA) and whitens it too
+    rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
+    _, w = whitening(x @ rot.T, 0.0)
+    assert torch.allclose(w, w.T, atol=1e-6) and torch.allclose(torch.cov((x @ rot.T @ w).T), 2.5 * torch.eye(2), atol=1e-5)
+    with pytest.raises(ValueError, match="no variance"):
+        whitening(torch.ones(3, 2), 0.1)
+    with pytest.raises(ValueError, match="text_whiten needs text"):
+        HybridConfig(mode="id", text_whiten=0.1).validate("hybrid")
+
+
+@pytest.mark.parametrize("whiten", [0.0, 0.1])
+def test_text_model_scores_an_item_added_after_training(successor, tmp_path, capsys, whiten):
+    result = finetune(hybrid_cfg(successor, tmp_path / "text", "--hybrid.mode=text", f"--hybrid.text_whiten={whiten}"),
+                      progress=False)
     assert result["test"]["recall@10"] == 1.0
     # `jepa4rec recommend` from the export: after i3, i4 the successor i5 ranks first, the history never
     capsys.readouterr()
@@ -218,6 +240,12 @@ def test_text_model_scores_an_item_added_after_training(successor, tmp_path, cap
     batch = {"history_items": [[2, 3, 4]], "next_item_index": torch.tensor([5]), "keys": ["u"]}
     _, best = top_k(scorer, batch, 2, exclude_history=True)
     assert set(best[0].tolist()) == {5, 20}
+    # the new item went through the export's own whitening (stored with it): the same vector as item 5's
+    assert torch.allclose(scorer.model.text[20], scorer.model.text[5], atol=1e-6)
+    if whiten:
+        raw = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+        assert not torch.allclose(scorer.model.text[5], raw[5], atol=1e-3)  # it is whitened, not the raw vector
+        assert torch.allclose(scorer.model.text[5], (raw[5] - scorer.model.text_mean) @ scorer.model.text_map, atol=1e-5)
     with pytest.raises(ValueError, match="cannot score items it has never seen"):
         finetune(hybrid_cfg(successor, tmp_path / "id", "--hybrid.mode=id", "--hybrid.epochs=1"), progress=False)
         hybrid_scorer(tmp_path / "id" / "best", 20).add_items(vectors[[5]])

@@ -67,6 +67,11 @@ class HybridConfig:
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
     adapter: Literal["linear", "mlp"] = "linear"
+    # > 0: whiten the frozen item text vectors before the adapter (ZCA over the items with training
+    # interactions, shrinkage a: eigenvalue s of their covariance scaled by sqrt(mean(s) / (s + a mean(s))),
+    # total variance kept), so a pretrained space whose variance sits in a few directions (an effective rank
+    # of ~30 of 384) reaches the adapter spread out, as WhitenRec (Zhang et al., 2024) does; 0: off
+    text_whiten: float = 0.0
     id_init: Literal["zero", "normal"] = "zero"
     # training only: each step, this share of the catalogue's ID vectors is zeroed (inputs and keys alike), so
     # the model learns to rank items from their text alone, as it must for new items (e_i = 0)
@@ -138,6 +143,10 @@ class HybridConfig:
             raise ValueError(f"{prefix}.new_item_tolerance: must be in [0, 1), got {self.new_item_tolerance}")
         if self.ray_actors < 0:
             raise ValueError(f"{prefix}.ray_actors: must be >= 0")
+        if self.text_whiten < 0:
+            raise ValueError(f"{prefix}.text_whiten: must be >= 0 (0: off), got {self.text_whiten}")
+        if self.text_whiten and self.mode == "id":
+            raise ValueError(f"{prefix}.text_whiten needs text ({prefix}.mode=hybrid or text), got mode=id")
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -146,6 +155,21 @@ class HybridConfig:
         if self.mode == "id":
             return ("id",)
         return ("fused", "id", "text") if self.gating == "frequency" else ("fused",)
+
+
+def whitening(text: torch.Tensor, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (d,), map (d, d)) of ZCA whitening with shrinkage over the rows of `text` (see `text_whiten`):
+    (x - mean) @ map has covariance U diag(s mean(s) / (s + shrink mean(s))) U^T, trace kept for shrink -> 0."""
+    x = text.double()
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+    s, u = torch.linalg.eigh(cov)
+    s = s.clamp_min(0)
+    m = float(s.mean())
+    if m <= 0:
+        raise ValueError("hybrid.text_whiten: the item text vectors have no variance (all equal)")
+    scale = torch.sqrt(m / (s + shrink * m))
+    return mean.float(), ((u * scale) @ u.T).float()
 
 
 def mk_mmd(x: torch.Tensor, y: torch.Tensor, scales=MMD_SCALES) -> torch.Tensor:
@@ -186,8 +210,16 @@ class HybridSeqRec(nn.Module):
             if text is None or text.shape[0] != num_items:
                 raise ValueError(f"hybrid: text vectors must be ({num_items}, dim), got "
                                  f"{None if text is None else tuple(text.shape)}")
-            self.register_buffer("text", text.float().clone())
+            text = text.float().clone()
             dt = text.shape[1]
+            if cfg.text_whiten:
+                fit = text[torch.as_tensor(counts) > 0] if int((torch.as_tensor(counts) > 0).sum()) > 1 else text
+                mean, white = whitening(fit, cfg.text_whiten)
+                # `text` holds the whitened vectors; mean and map whiten items added later (`add_items`)
+                self.register_buffer("text_mean", mean)
+                self.register_buffer("text_map", white)
+                text = (text - mean) @ white
+            self.register_buffer("text", text)
             self.adapter = (nn.Linear(dt, h) if cfg.adapter == "linear"
                             else nn.Sequential(nn.Linear(dt, 2 * h), nn.GELU(), nn.Linear(2 * h, h)))
             if "text" in self.experts and cfg.mode == "hybrid":
@@ -294,7 +326,10 @@ class HybridSeqRec(nn.Module):
         if text.dim() != 2 or text.shape[1] != self.text.shape[1]:
             raise ValueError(f"hybrid: new item vectors must be (k, {self.text.shape[1]}), got {tuple(text.shape)}")
         k = text.shape[0]
-        self.text = torch.cat([self.text, text.to(self.text)])
+        text = text.to(self.text)
+        if self.cfg.text_whiten:
+            text = (text - self.text_mean) @ self.text_map
+        self.text = torch.cat([self.text, text])
         self.freq = torch.cat([self.freq, self.freq.new_zeros(k)])
         if self.use_id:
             self.id_emb = nn.Parameter(torch.cat([self.id_emb.data, self.id_emb.new_zeros(k, self.cfg.hidden)]))
@@ -302,4 +337,4 @@ class HybridSeqRec(nn.Module):
         return self.num_items
 
 
-__all__ = ["HybridConfig", "FrequencyGate", "HybridSeqRec", "mk_mmd"]
+__all__ = ["HybridConfig", "FrequencyGate", "HybridSeqRec", "mk_mmd", "whitening"]
