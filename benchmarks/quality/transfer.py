@@ -104,8 +104,10 @@ def target_config(target: str, extra: list[str]):
     return load_config([target], extra)
 
 
-def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int):
-    """(scorer, fit report, fit seconds) of one way of using `encoder` on the target."""
+def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int,
+            settings_only: bool = False):
+    """(config, scorer, fit report, fit seconds) of one way of using `encoder` on the target (with
+    `settings_only`: the config alone, nothing trained)."""
     from dataclasses import replace
 
     from jepa4rec_dist.eval.run import model_scorer
@@ -124,6 +126,8 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
             "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
             f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
             "--hybrid.new_item_tolerance=0", *low])
+        if settings_only:
+            return cfg, None, {}, 0.0
         if not (folder / "result.json").is_file():
             log.info("train %s %s -> %s", arm, way, folder)
             train_hybrid(cfg, progress=False)
@@ -136,6 +140,8 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
 
     cfg = target_config(target, [f"--finetune.output_dir={folder}", f"--finetune.init_from={encoder}", *low])
     cfg = replace(cfg, finetune=replace(cfg.finetune, test_at_end=False))
+    if settings_only:
+        return cfg, None, {}, 0.0
     if not (folder / "result.json").is_file():
         log.info("finetune %s %s -> %s", arm, way, folder)
         t0 = time.perf_counter()
@@ -146,6 +152,40 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
     fit = {"best": result.get("best"), "finetune_seconds": timing.get("finetune_seconds"), "init_from": encoder}
     return cfg, model_scorer(cfg, str(folder / "best"), ctx.tok, ctx.table, progress=False,
                              name=f"{arm} {way}"), fit, timing.get("finetune_seconds") or 0.0
+
+
+def way_settings(cfg) -> dict:
+    """What a trained way's result depends on besides the arm and the share of users: the target recipe's
+    `hybrid` (vectors) or `finetune` (tokens) section, run folders left out."""
+    from dataclasses import asdict
+
+    if cfg.finetune.model == "hybrid":
+        return {k: v for k, v in asdict(cfg.hybrid).items() if k not in ("output_dir", "ray_actors", "refresh_vectors")}
+    return {k: v for k, v in asdict(cfg.finetune).items() if k not in ("output_dir", "init_from")}
+
+
+def retire_stale(out: Path, arm: str, way: str, args) -> None:
+    """A trained way whose recipe settings (`way_settings`) changed since it ran is moved, with its evaluations,
+    to `<out>/<arm>/stale/<time>/` (logged), so it is trained and evaluated again with the current recipe."""
+    from jepa4rec_dist.config import load_config
+
+    folder = out / arm / way
+    if way == "zero-shot" or not (folder / "config.yaml").is_file():
+        return
+    cfg, _, _, _ = run_way(arm, way, "minilm", args.target, out, None, args.patience, settings_only=True)
+    before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
+    if before == now:
+        return
+    changed = sorted(k for k in now if before.get(k) != now.get(k))
+    stale = out / arm / "stale" / time.strftime("%Y%m%d-%H%M%S")
+    stale.mkdir(parents=True, exist_ok=True)
+    folder.rename(stale / way)
+    for split in ("valid", "test"):
+        for f in (out / arm / f"eval-{split}").glob(f"{way}.*"):  # <way>.json and its <way>.ranks/
+            (stale / f"eval-{split}").mkdir(exist_ok=True)
+            f.rename(stale / f"eval-{split}" / f.name)
+    log.warning("%s %s: the recipe changed since it ran (%s): moved to %s, trained again",
+                arm, way, ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed), stale)
 
 
 def run(args, arms: list[str], chosen_ways: list[str]) -> None:
@@ -163,6 +203,7 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
         encoder = pretrained(arm, args.source, out)
         for way in chosen_ways:
             path = out / arm / f"eval-{args.split}" / f"{way}.json"
+            retire_stale(out, arm, way, args)
             if path.is_file():
                 log.info("%s %s: done (%s)", arm, way, path)
                 continue
