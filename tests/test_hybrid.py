@@ -418,3 +418,34 @@ def test_low_resource_counts_are_the_subsets_own(successor, tmp_path):
     freq = hybrid_scorer(out / "best", 20).model.freq.numpy()
     assert np.array_equal(freq == 0, subset == 0)
     assert np.allclose(freq, np.log1p(subset) / np.log1p(subset.max()))
+
+
+def test_staged_training_starts_as_the_source_model(successor, tmp_path):
+    """`hybrid.init_from`: an ID model's weights start a hybrid model whose text adapter is zero, so it scores
+    exactly as the ID model before its first step; that start is validated and is a candidate for best."""
+    from jepa4rec_dist.hybrid.scorer import load_hybrid
+    from jepa4rec_dist.hybrid.train import start_from
+
+    source = finetune(hybrid_cfg(successor, tmp_path / "id", "--hybrid.mode=id", "--hybrid.id_init=normal",
+                                 "--hybrid.test_at_end=false"), progress=False)
+    id_model, _ = load_hybrid(tmp_path / "id" / "best")
+    cfg = hybrid_cfg(successor, tmp_path / "h", "--hybrid.gating=none", f"--hybrid.init_from={tmp_path / 'id' / 'best'}",
+                     "--hybrid.test_at_end=false", "--hybrid.epochs=2", "--hybrid.patience=0")
+    text = torch.randn(20, 8)
+    model = HybridSeqRec(20, replace(cfg.hybrid, init_from=None), text, torch.ones(20))
+    done = start_from(model, str(tmp_path / "id" / "best"), {"dataset": None})
+    assert "id_emb" in done["copied"] and set(done["fresh"]) == {"adapter.weight", "adapter.bias"}
+    model.eval()
+    ids = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
+    assert torch.allclose(model(ids), id_model(ids), atol=1e-6)
+    assert torch.allclose(model.item_table(), id_model.item_table(), atol=1e-7)
+    run = finetune(cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[0]["valid_ndcg@10"] == pytest.approx(source["best"]["ndcg@10"], abs=1e-9)  # the source's own
+    assert run["best"]["ndcg@10"] >= source["best"]["ndcg@10"]
+    with pytest.raises(ValueError, match="not an item-vector export"):
+        start_from(model, str(tmp_path), {})
+    with pytest.raises(ValueError, match="is not this run's"):
+        start_from(HybridSeqRec(21, replace(cfg.hybrid, init_from=None), torch.randn(21, 8), torch.ones(21)),
+                   str(tmp_path / "id" / "best"), {})

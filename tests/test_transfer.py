@@ -125,19 +125,19 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
     stamp = (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns
     assert transfer.main([*common, "--arms", "jepa", "--ways", "tokens", "--fractions", "1"]) == 0
     assert (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns == stamp
-    # the target recipe's item-vector settings change: that way is retired (kept under stale/) and run again
+    # the item-vector settings change (the target recipe's or, here, the whitening): that way is retired
+    # (kept under stale/) and run again; the others are left alone
     before = json.loads((out / "jepa" / "eval-test" / "vectors-1.json").read_text())
-    target_yaml = (tmp_path / "target.yaml").read_text()
-    (tmp_path / "target.yaml").write_text(target_yaml.replace("lr: 1.0e-2}", "lr: 1.0e-2, text_whiten: 0.1}"))
-    assert transfer.main([*common, "--arms", "jepa", "--ways", "vectors,tokens", "--fractions", "1"]) == 0
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "vectors,tokens", "--fractions", "1",
+                          "--text-whiten", "0.2"]) == 0
     assert (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns == stamp  # untouched
     stale = list((out / "jepa" / "stale").glob("*/vectors-1"))
     assert len(stale) == 1 and (stale[0] / "result.json").is_file()
     old = json.loads((stale[0].parent / "eval-test" / "vectors-1.json").read_text())
     assert old == before and (stale[0].parent / "eval-test" / "vectors-1.ranks").is_dir()
-    assert load_config([str(out / "jepa" / "vectors-1" / "config.yaml")]).hybrid.text_whiten == 0.1
+    assert load_config([str(out / "jepa" / "vectors-1" / "config.yaml")]).hybrid.text_whiten == 0.2
+    assert load_config([str(stale[0] / "config.yaml")]).hybrid.text_whiten == 0.1  # the runner's default
     assert json.loads((out / "jepa" / "eval-test" / "vectors-1.json").read_text()) != before
-    (tmp_path / "target.yaml").write_text(target_yaml)
 
     assert transfer.main([*common, "--report"]) == 0
     summary = json.loads((reports / "transfer.json").read_text())

@@ -13,7 +13,8 @@ source recipe and the arm's overrides.
 Ways (`--ways`) of using an arm's encoder on the target, each evaluated with both protocols:
   zero-shot     the token-level encoder as it is (history sentences -> user, item sentence -> item);
   vectors-F     the item-vector sequence model in its text-only mode (`hybrid.mode=text`) over the arm's
-                item vectors, trained on a seeded share F of the target's training users (1 = all);
+                item vectors, trained on a seeded share F of the target's training users (1 = all),
+                the vectors whitened (`--text-whiten`, default 0.1: `hybrid.text_whiten`);
   tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
 F in --fractions (default 0.01,0.05,1). Every trained way stops on the target's validation split; the test
 split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
@@ -105,7 +106,7 @@ def target_config(target: str, extra: list[str]):
 
 
 def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int,
-            settings_only: bool = False):
+            settings_only: bool = False, whiten: float = 0.0):
     """(config, scorer, fit report, fit seconds) of one way of using `encoder` on the target (with
     `settings_only`: the config alone, nothing trained)."""
     from dataclasses import replace
@@ -125,14 +126,14 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
         cfg = target_config(target, [
             "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
             f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
-            "--hybrid.new_item_tolerance=0", *low])
+            "--hybrid.new_item_tolerance=0", f"--hybrid.text_whiten={whiten}", *low])
         if settings_only:
             return cfg, None, {}, 0.0
         if not (folder / "result.json").is_file():
             log.info("train %s %s -> %s", arm, way, folder)
             train_hybrid(cfg, progress=False)
         result = json.loads((folder / "result.json").read_text())
-        fit = {**result["fit"], "text_from": encoder}
+        fit = {**result["fit"], "text_from": encoder, "text_whiten": cfg.hybrid.text_whiten}
         seconds = result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
         return cfg, model_scorer(cfg, str(folder / "best"), ctx.tok, ctx.table, progress=False,
                                  name=f"{arm} {way}"), fit, seconds
@@ -172,7 +173,8 @@ def retire_stale(out: Path, arm: str, way: str, args) -> None:
     folder = out / arm / way
     if way == "zero-shot" or not (folder / "config.yaml").is_file():
         return
-    cfg, _, _, _ = run_way(arm, way, "minilm", args.target, out, None, args.patience, settings_only=True)
+    cfg, _, _, _ = run_way(arm, way, "minilm", args.target, out, None, args.patience, settings_only=True,
+                           whiten=args.text_whiten)
     before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
     if before == now:
         return
@@ -207,7 +209,8 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
             if path.is_file():
                 log.info("%s %s: done (%s)", arm, way, path)
                 continue
-            cfg, scorer, fit, seconds = run_way(arm, way, encoder, args.target, out, ctx, args.patience)
+            cfg, scorer, fit, seconds = run_way(arm, way, encoder, args.target, out, ctx, args.patience,
+                                                whiten=args.text_whiten)
             t0 = time.perf_counter()
             pre = out / arm / "pretrain" / "timing.json"
             fit = {**fit, "arm": arm, "way": way, "encoder": encoder,
@@ -284,11 +287,16 @@ def summarise(found: dict, samples: int) -> dict:
                     cells.setdefault(arm, {}).setdefault(way, {})[row["protocol"]] = {
                         "ndcg@10": row["ndcg@10"], "recall@10": row["recall@10"], "mrr": row["mrr"],
                         "users": row["users"], "seconds": doc["methods"][0]["seconds"],
-                        "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds")}
+                        "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds"),
+                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0) if way != "zero-shot"
+                        and way.startswith("vectors") else None}
     # every arm against no pretraining; every other pretraining against RecFormer's objective at the same budget;
     # the ablations against the JEPA4Rec recipe
+    # (and at the same rate: an arm `<x>-lr<r>` also against `recformer-lr<r>` when that ran)
     against = [(a, "minilm") for a in arms if a != "minilm"] + \
         [(a, "recformer") for a in arms if a not in ("minilm", "recformer")] + \
+        [(a, f"recformer-{a.rsplit('-', 1)[1]}") for a in arms
+         if "-lr" in a and not a.startswith("recformer") and f"recformer-{a.rsplit('-', 1)[1]}" in found] + \
         [(a, "jepa") for a in arms if a not in MAIN_ARMS]
     for a, b in against:
         if a not in found or b not in found:
@@ -312,6 +320,11 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
              "encoder as it is), `vectors-F` (the item-vector model's text-only mode over the arm's item vectors, "
              "trained on a share F of the target's training users), `tokens-F` (token-level two-stage finetuning on "
              "that share). NDCG@10, all users of the split.", ""]
+    whiten = sorted({p.get("text_whiten") for w in summary["cells"].values() for c in w.values() for p in c.values()}
+                    - {None})
+    if whiten:
+        lines[-1:] = [f"The `vectors-F` item vectors are whitened with `hybrid.text_whiten` = "
+                      f"{', '.join(str(w) for w in whiten)} (0: as the encoder gives them).", ""]
     arms, ways_ = summary["arms"], summary["ways"]
     for protocol in PROTOCOLS:
         lines += [f"## {protocol}", "", "| way | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
@@ -407,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.01,0.05,1", help="shares of the target's training users")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--patience", type=int, default=10, help="validations without a better NDCG@10 (trained ways)")
+    parser.add_argument("--text-whiten", type=float, default=0.1,
+                        help="hybrid.text_whiten of the vectors-F ways (chosen on validation, benchmarks/EXPERIMENTS.md "
+                             "2026-12-01; 0: the item vectors as the encoder gives them)")
     parser.add_argument("--out", default="runs/transfer/ml-1m-to-ml-100k")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--report", action="store_true", help="write TRANSFER.md / transfer.json / transfer.png")

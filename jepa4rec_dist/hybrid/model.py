@@ -89,6 +89,12 @@ class HybridConfig:
     # x the reference's on the same users (the reference with its own offset), so new items are ranked about as
     # well as a model without IDs ranks them, at the least cost to the other users; null: the all-user rule
     new_item_reference: str | None = None
+    # staged training: an item-vector export (an earlier fit's best/ on the same catalogue) whose weights start
+    # this model, every parameter of the same name and shape copied; a text adapter the source lacks starts at
+    # zero (with id_init zero for IDs the source lacks), so the model starts as the source computes and the new
+    # side adds to it: IDs first, then text (PAD pre-trains the ID recommender first), or content first, then
+    # IDs (SICSRec's decoupled order). The source is validated before the first epoch and is a candidate for best
+    init_from: str | None = None
     hidden: int = 64
     layers: int = 2
     heads: int = 1

@@ -156,6 +156,8 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         remap[train_rows] = torch.arange(len(train_rows))
     seed_everything(hc.seed)  # here, not earlier: encoding the vectors (or not, when cached) draws random numbers
     model = HybridSeqRec(n_items, hc, text, torch.from_numpy(counts))
+    if hc.init_from:
+        start_from(model, hc.init_from, ctx.dataset_info(), main)
     objective = HybridObjective(model, hc.loss_backend, train_rows, remap).to(device)
     engine = _engine(objective, cfg, runtime, device)
     model = engine.module.model
@@ -179,6 +181,17 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     def budget_left() -> bool:
         return not hc.max_steps or state["steps"] < hc.max_steps
 
+    if hc.init_from and state["epoch"] == 0 and state["best_epoch"] is None:
+        # the starting point (the source model, with its new parts adding nothing yet) is a candidate: training
+        # must beat it on validation to replace it
+        valid = _validate(engine, model, cfg, ctx, runtime, progress)
+        if main:
+            state.update(best=valid["ndcg@10"], best_epoch=0)
+            save_hybrid(out / "best", _copy(model), {**identity, "epoch": 0, "valid": valid})
+            state["history"].append({"epoch": 0, "steps": 0, **{f"valid_{k}": v for k, v in valid.items()}})
+            metrics.write(state["history"][-1])
+            log.info("hybrid: start from %s: valid ndcg@10 %.4f", hc.init_from, valid["ndcg@10"])
+        state = broadcast_value(state)
     while state["epoch"] < hc.epochs and not (hc.patience and state["stale"] >= hc.patience) and budget_left():
         t_epoch = time.perf_counter()
         epoch = state["epoch"] + 1
@@ -216,6 +229,39 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         result = _finish(cfg, ctx, out, state)
     runtime.barrier()
     return broadcast_value(result)
+
+
+def start_from(model: HybridSeqRec, source: str, dataset: dict, main: bool = True) -> dict:
+    """Copy the weights of the item-vector export `source` into `model` (`hybrid.init_from`): every parameter
+    of the same name and shape; a text adapter the source lacks is zeroed (its output adds nothing at the start).
+    Buffers (text vectors, counts, the new-item offset) stay this run's. Returns {copied, fresh} names."""
+    from safetensors.torch import load_file
+
+    folder = Path(source)
+    if not is_hybrid_export(folder):
+        raise ValueError(f"hybrid.init_from={source}: not an item-vector export (a folder with config.json of "
+                         "format jepa4rec-hybrid, e.g. an earlier fit's best/)")
+    meta = json.loads((folder / "config.json").read_text())
+    theirs = (meta.get("dataset") or {}).get("dataset")
+    if int(meta["num_items"]) != model.num_items or (theirs and dataset.get("dataset") and theirs != dataset["dataset"]):
+        raise ValueError(f"hybrid.init_from={source}: its catalogue ({theirs}, {meta['num_items']} items) is not "
+                         f"this run's ({dataset.get('dataset')}, {model.num_items} items)")
+    state = load_file(str(folder / "model.safetensors"))
+    own = dict(model.named_parameters())
+    copied = sorted(k for k, v in state.items() if k in own and own[k].shape == v.shape)
+    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    if mismatched:
+        raise ValueError(f"hybrid.init_from={source}: shapes differ for {mismatched} (hidden/layers/heads must match)")
+    with torch.no_grad():
+        for k in copied:
+            own[k].copy_(state[k])
+        fresh = sorted(set(own) - set(copied))
+        for k in fresh:
+            if k.startswith("adapter."):
+                own[k].zero_()
+    if main:
+        log.info("hybrid.init_from %s: %d tensors copied; new: %s", source, len(copied), ", ".join(fresh) or "none")
+    return {"copied": copied, "fresh": fresh}
 
 
 def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress, limit=None) -> dict:
@@ -485,4 +531,4 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
     return result
 
 
-__all__ = ["train_hybrid", "text_source", "HybridObjective"]
+__all__ = ["train_hybrid", "text_source", "HybridObjective", "start_from"]
