@@ -297,11 +297,14 @@ def summarise(found: dict, samples: int) -> dict:
                         and way.startswith("vectors") else None}
     # every arm against no pretraining; every other pretraining against RecFormer's objective at the same budget;
     # the ablations against the JEPA4Rec recipe
-    # (and at the same rate: an arm `<x>-lr<r>` also against `recformer-lr<r>` when that ran)
+    # (and at the same tuning: an arm `<x>-lr<rest>` also against `recformer-lr<rest>` when that ran)
+    def peer(arm: str) -> str | None:
+        name = "recformer-" + arm[arm.index("-lr") + 1:] if "-lr" in arm and not arm.startswith("recformer") else None
+        return name if name in found else None
+
     against = [(a, "minilm") for a in arms if a != "minilm"] + \
         [(a, "recformer") for a in arms if a not in ("minilm", "recformer")] + \
-        [(a, f"recformer-{a.rsplit('-', 1)[1]}") for a in arms
-         if "-lr" in a and not a.startswith("recformer") and f"recformer-{a.rsplit('-', 1)[1]}" in found] + \
+        [(a, peer(a)) for a in arms if peer(a)] + \
         [(a, "jepa") for a in arms if a not in MAIN_ARMS]
     for a, b in against:
         if a not in found or b not in found:
