@@ -14,7 +14,8 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
   zero-shot     the token-level encoder as it is (history sentences -> user, item sentence -> item);
   vectors-F     the item-vector sequence model in its text-only mode (`hybrid.mode=text`) over the arm's
                 item vectors, trained on a seeded share F of the target's training users (1 = all),
-                the vectors whitened (`--text-whiten`, default 0.1: `hybrid.text_whiten`);
+                the vectors whitened (`--text-whiten`, default 0.1: `hybrid.text_whiten`), patience
+                `--low-patience` (30) for F < 1, `--patience` (10) otherwise;
   tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
 F in --fractions (default 0.01,0.05,1). Every trained way stops on the target's validation split; the test
 split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
@@ -111,7 +112,7 @@ def target_config(target: str, extra: list[str]):
 
 
 def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int,
-            settings_only: bool = False, whiten: float = 0.0):
+            settings_only: bool = False, whiten: float = 0.0, low_patience: int | None = None):
     """(config, scorer, fit report, fit seconds) of one way of using `encoder` on the target (with
     `settings_only`: the config alone, nothing trained)."""
     from dataclasses import replace
@@ -124,6 +125,8 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
     kind, fraction = way.split("-")
     fraction = float(fraction)
     low = [f"--finetune.low_resource_fraction={fraction}"] if fraction < 1 else []
+    if fraction < 1 and low_patience is not None:
+        patience = low_patience
     folder = out / arm / way
     if kind == "vectors":
         from jepa4rec_dist.hybrid.train import train_hybrid
@@ -179,7 +182,7 @@ def retire_stale(out: Path, arm: str, way: str, args) -> None:
     if way == "zero-shot" or not (folder / "config.yaml").is_file():
         return
     cfg, _, _, _ = run_way(arm, way, "minilm", args.target, out, None, args.patience, settings_only=True,
-                           whiten=args.text_whiten)
+                           whiten=args.text_whiten, low_patience=args.low_patience)
     before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
     if before == now:
         return
@@ -215,7 +218,7 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
                 log.info("%s %s: done (%s)", arm, way, path)
                 continue
             cfg, scorer, fit, seconds = run_way(arm, way, encoder, args.target, out, ctx, args.patience,
-                                                whiten=args.text_whiten)
+                                                whiten=args.text_whiten, low_patience=args.low_patience)
             t0 = time.perf_counter()
             pre = out / arm / "pretrain" / "timing.json"
             fit = {**fit, "arm": arm, "way": way, "encoder": encoder,
@@ -428,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.01,0.05,1", help="shares of the target's training users")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--patience", type=int, default=10, help="validations without a better NDCG@10 (trained ways)")
+    parser.add_argument("--low-patience", type=int, default=30,
+                        help="the same for the vectors-F ways with F < 1: their epochs are 1/F times shorter, and at "
+                             "patience 10 a 5%%-of-users fit stopped on a plateau at epoch 38 that a rerun left at epoch "
+                             "75, 0.039 -> 0.053 (benchmarks/EXPERIMENTS.md, 2026-12-01)")
     parser.add_argument("--text-whiten", type=float, default=0.1,
                         help="hybrid.text_whiten of the vectors-F ways (chosen on validation, benchmarks/EXPERIMENTS.md "
                              "2026-12-01; 0: the item vectors as the encoder gives them)")
