@@ -123,8 +123,11 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
     assert half["low_resource_fraction"] == 0.5
     # a second run finds everything done: nothing is trained or evaluated again
     stamp = (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns
-    assert transfer.main([*common, "--arms", "jepa", "--ways", "tokens", "--fractions", "1"]) == 0
+    vstamp = (out / "jepa" / "eval-test" / "vectors-1.json").stat().st_mtime_ns
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "vectors,tokens", "--fractions", "1"]) == 0
     assert (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns == stamp
+    assert (out / "jepa" / "eval-test" / "vectors-1.json").stat().st_mtime_ns == vstamp
+    assert not (out / "jepa" / "stale").exists()
     # the item-vector settings change (the target recipe's or, here, the whitening): that way is retired
     # (kept under stale/) and run again; the others are left alone
     before = json.loads((out / "jepa" / "eval-test" / "vectors-1.json").read_text())

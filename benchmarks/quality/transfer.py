@@ -173,7 +173,7 @@ def way_settings(cfg) -> dict:
     return {k: v for k, v in asdict(cfg.finetune).items() if k not in ("output_dir", "init_from")}
 
 
-def retire_stale(out: Path, arm: str, way: str, args) -> None:
+def retire_stale(out: Path, arm: str, way: str, encoder: str, args) -> None:
     """A trained way whose recipe settings (`way_settings`) changed since it ran is moved, with its evaluations,
     to `<out>/<arm>/stale/<time>/` (logged), so it is trained and evaluated again with the current recipe."""
     from jepa4rec_dist.config import load_config
@@ -181,7 +181,7 @@ def retire_stale(out: Path, arm: str, way: str, args) -> None:
     folder = out / arm / way
     if way == "zero-shot" or not (folder / "config.yaml").is_file():
         return
-    cfg, _, _, _ = run_way(arm, way, "minilm", args.target, out, None, args.patience, settings_only=True,
+    cfg, _, _, _ = run_way(arm, way, encoder, args.target, out, None, args.patience, settings_only=True,
                            whiten=args.text_whiten, low_patience=args.low_patience)
     before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
     if before == now:
@@ -213,7 +213,7 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
         encoder = pretrained(arm, args.source, out)
         for way in chosen_ways:
             path = out / arm / f"eval-{args.split}" / f"{way}.json"
-            retire_stale(out, arm, way, args)
+            retire_stale(out, arm, way, encoder, args)
             if path.is_file():
                 log.info("%s %s: done (%s)", arm, way, path)
                 continue
