@@ -296,8 +296,8 @@ def summarise(found: dict, samples: int) -> dict:
                         "ndcg@10": row["ndcg@10"], "recall@10": row["recall@10"], "mrr": row["mrr"],
                         "users": row["users"], "seconds": doc["methods"][0]["seconds"],
                         "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds"),
-                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0) if way != "zero-shot"
-                        and way.startswith("vectors") else None}
+                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0) if way.startswith("vectors")
+                        else None}
     # every arm against no pretraining; every other pretraining against RecFormer's objective at the same budget;
     # the ablations against the JEPA4Rec recipe
     # (and at the same tuning: an arm `<x>-lr<rest>` also against `recformer-lr<rest>` when that ran)
