@@ -111,32 +111,35 @@ def target_config(target: str, extra: list[str]):
     return load_config([target], extra)
 
 
-def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patience: int,
-            settings_only: bool = False, whiten: float = 0.0, low_patience: int | None = None):
-    """(config, scorer, fit report, fit seconds) of one way of using `encoder` on the target (with
-    `settings_only`: the config alone, nothing trained)."""
+def way_config(way: str, encoder: str, folder: Path, args):
+    """The target config of a trained way (`vectors-F` or `tokens-F`) of `encoder`, run in `folder`."""
     from dataclasses import replace
 
-    from jepa4rec_dist.eval.run import model_scorer
-
-    if way == "zero-shot":
-        cfg = target_config(target, [])
-        return cfg, model_scorer(cfg, encoder, ctx.tok, ctx.table, progress=False, name=f"{arm} {way}"), {}, 0.0
     kind, fraction = way.split("-")
     fraction = float(fraction)
     low = [f"--finetune.low_resource_fraction={fraction}"] if fraction < 1 else []
-    if fraction < 1 and low_patience is not None:
-        patience = low_patience
-    folder = out / arm / way
     if kind == "vectors":
-        from jepa4rec_dist.hybrid.train import train_hybrid
-
-        cfg = target_config(target, [
+        patience = args.low_patience if fraction < 1 else args.patience
+        return target_config(args.target, [
             "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
             f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
-            "--hybrid.new_item_tolerance=0", f"--hybrid.text_whiten={whiten}", *low])
-        if settings_only:
-            return cfg, None, {}, 0.0
+            "--hybrid.new_item_tolerance=0", f"--hybrid.text_whiten={args.text_whiten}", *low])
+    cfg = target_config(args.target, [f"--finetune.output_dir={folder}", f"--finetune.init_from={encoder}", *low])
+    return replace(cfg, finetune=replace(cfg.finetune, test_at_end=False))
+
+
+def run_way(arm: str, way: str, encoder: str, out: Path, ctx, args):
+    """(config, scorer, fit report, fit seconds) of one way of using `encoder` on the target."""
+    from jepa4rec_dist.eval.run import model_scorer
+
+    if way == "zero-shot":
+        cfg = target_config(args.target, [])
+        return cfg, model_scorer(cfg, encoder, ctx.tok, ctx.table, progress=False, name=f"{arm} {way}"), {}, 0.0
+    folder = out / arm / way
+    cfg = way_config(way, encoder, folder, args)
+    if way.startswith("vectors"):
+        from jepa4rec_dist.hybrid.train import train_hybrid
+
         if not (folder / "result.json").is_file():
             log.info("train %s %s -> %s", arm, way, folder)
             train_hybrid(cfg, progress=False)
@@ -147,10 +150,6 @@ def run_way(arm: str, way: str, encoder: str, target: str, out: Path, ctx, patie
                                  name=f"{arm} {way}"), fit, seconds
     from jepa4rec_dist.train.finetune import finetune
 
-    cfg = target_config(target, [f"--finetune.output_dir={folder}", f"--finetune.init_from={encoder}", *low])
-    cfg = replace(cfg, finetune=replace(cfg.finetune, test_at_end=False))
-    if settings_only:
-        return cfg, None, {}, 0.0
     if not (folder / "result.json").is_file():
         log.info("finetune %s %s -> %s", arm, way, folder)
         t0 = time.perf_counter()
@@ -181,9 +180,8 @@ def retire_stale(out: Path, arm: str, way: str, encoder: str, args) -> None:
     folder = out / arm / way
     if way == "zero-shot" or not (folder / "config.yaml").is_file():
         return
-    cfg, _, _, _ = run_way(arm, way, encoder, args.target, out, None, args.patience, settings_only=True,
-                           whiten=args.text_whiten, low_patience=args.low_patience)
-    before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
+    before = way_settings(load_config([str(folder / "config.yaml")]))
+    now = way_settings(way_config(way, encoder, folder, args))
     if before == now:
         return
     changed = sorted(k for k in now if before.get(k) != now.get(k))
@@ -217,8 +215,7 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
             if path.is_file():
                 log.info("%s %s: done (%s)", arm, way, path)
                 continue
-            cfg, scorer, fit, seconds = run_way(arm, way, encoder, args.target, out, ctx, args.patience,
-                                                whiten=args.text_whiten, low_patience=args.low_patience)
+            cfg, scorer, fit, seconds = run_way(arm, way, encoder, out, ctx, args)
             t0 = time.perf_counter()
             pre = out / arm / "pretrain" / "timing.json"
             fit = {**fit, "arm": arm, "way": way, "encoder": encoder,

@@ -219,8 +219,8 @@ class HybridSeqRec(nn.Module):
             text = text.float().clone()
             dt = text.shape[1]
             if cfg.text_whiten:
-                fit = text[torch.as_tensor(counts) > 0] if int((torch.as_tensor(counts) > 0).sum()) > 1 else text
-                mean, white = whitening(fit, cfg.text_whiten)
+                trained = torch.as_tensor(counts) > 0
+                mean, white = whitening(text[trained] if int(trained.sum()) > 1 else text, cfg.text_whiten)
                 # `text` holds the whitened vectors; mean and map whiten items added later (`add_items`)
                 self.register_buffer("text_mean", mean)
                 self.register_buffer("text_map", white)

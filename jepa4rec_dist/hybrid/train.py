@@ -235,18 +235,17 @@ def start_from(model: HybridSeqRec, source: str, dataset: dict, main: bool = Tru
     """Copy the weights of the item-vector export `source` into `model` (`hybrid.init_from`): every parameter
     of the same name and shape; a text adapter the source lacks is zeroed (its output adds nothing at the start).
     Buffers (text vectors, counts, the new-item offset) stay this run's. Returns {copied, fresh} names."""
-    from safetensors.torch import load_file
+    from jepa4rec_dist.hybrid.scorer import load_hybrid
 
-    folder = Path(source)
-    if not is_hybrid_export(folder):
+    if not is_hybrid_export(source):
         raise ValueError(f"hybrid.init_from={source}: not an item-vector export (a folder with config.json of "
                          "format jepa4rec-hybrid, e.g. an earlier fit's best/)")
-    meta = json.loads((folder / "config.json").read_text())
+    src, meta = load_hybrid(source)
     theirs = (meta.get("dataset") or {}).get("dataset")
-    if int(meta["num_items"]) != model.num_items or (theirs and dataset.get("dataset") and theirs != dataset["dataset"]):
-        raise ValueError(f"hybrid.init_from={source}: its catalogue ({theirs}, {meta['num_items']} items) is not "
+    if src.num_items != model.num_items or (theirs and dataset.get("dataset") and theirs != dataset["dataset"]):
+        raise ValueError(f"hybrid.init_from={source}: its catalogue ({theirs}, {src.num_items} items) is not "
                          f"this run's ({dataset.get('dataset')}, {model.num_items} items)")
-    state = load_file(str(folder / "model.safetensors"))
+    state = dict(src.named_parameters())
     own = dict(model.named_parameters())
     copied = sorted(k for k, v in state.items() if k in own and own[k].shape == v.shape)
     mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
