@@ -449,3 +449,55 @@ def test_staged_training_starts_as_the_source_model(successor, tmp_path):
     with pytest.raises(ValueError, match="is not this run's"):
         start_from(HybridSeqRec(21, replace(cfg.hybrid, init_from=None), torch.randn(21, 8), torch.ones(21)),
                    str(tmp_path / "id" / "best"), {})
+
+
+def test_a_text_model_moves_to_another_catalogue(successor, tmp_path):
+    """`hybrid.init_from` from another dataset (transfer): a text-mode fit on a 20-item catalogue starts a model
+    on a 30-item one. Its item table is rebuilt from the target's own item vectors, whitened with the source's
+    map, through the source's adapter; `epochs: 0` scores the source as it is (zero-shot), and finetuning
+    starts there. IDs, another encoder or another whitening cannot move."""
+    from jepa4rec_dist.hybrid.scorer import load_hybrid
+
+    target = write_successor_dataset(tmp_path / "target", n_items=30, n_users=150, seed=1)
+    finetune(hybrid_cfg(successor, tmp_path / "src", "--hybrid.mode=text", "--hybrid.text_whiten=0.1",
+                        "--hybrid.test_at_end=false"), progress=False)
+    source = str(tmp_path / "src" / "best")
+    move = ("--hybrid.mode=text", "--hybrid.text_whiten=0.1", f"--hybrid.init_from={source}")
+    zero = finetune(hybrid_cfg(target, tmp_path / "zero", *move, "--hybrid.epochs=0"), progress=False)
+    assert zero["fit"]["epochs"] == 0 and zero["best"]["epoch"] == 0
+    src, _ = load_hybrid(source)
+    moved, meta = load_hybrid(tmp_path / "zero" / "best")
+    assert moved.num_items == 30 and meta["dataset"]["items"] == 30
+    # by hand: the target's vectors through the source's whitening and adapter; the sequence side is the source's
+    raw = torch.from_numpy(np.asarray(item_vectors(hybrid_cfg(target, tmp_path), target, "minilm", False)[0],
+                                      dtype=np.float32))
+    assert torch.allclose(moved.text, (raw - src.text_mean) @ src.text_map, atol=1e-5)
+    assert torch.allclose(moved.item_table(), src.adapter(moved.text), atol=1e-5)
+    ids = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])  # items 0..4 of both catalogues: the same titles
+    src.text = moved.text[:20].clone()
+    assert torch.allclose(moved(ids), src(ids), atol=1e-5)
+    # the successor walk of the first 20 titles carries over: far above a random ranking of 30 items (~0.1)
+    assert zero["best"]["ndcg@10"] > 0.4, zero["best"]
+    tuned = finetune(hybrid_cfg(target, tmp_path / "tuned", *move, "--hybrid.epochs=3", "--hybrid.patience=0"),
+                     progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["valid_ndcg@10"] == pytest.approx(zero["best"]["ndcg@10"], abs=1e-9)
+    assert tuned["best"]["ndcg@10"] >= zero["best"]["ndcg@10"]
+    with pytest.raises(ValueError, match="only through text"):
+        finetune(hybrid_cfg(target, tmp_path / "id", "--hybrid.mode=id", f"--hybrid.init_from={source}"), progress=False)
+    with pytest.raises(ValueError, match="text_whiten is 0.0 here but 0.1"):
+        finetune(hybrid_cfg(target, tmp_path / "w", "--hybrid.mode=text", f"--hybrid.init_from={source}"),
+                 progress=False)
+    other = tmp_path / "other-encoder"  # the same export, as if its vectors had come from another encoder
+    other.mkdir()
+    for f in Path(source).iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    doc = json.loads((other / "config.json").read_text())
+    doc["text"]["weights_sha256"] = "0" * 64
+    (other / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="another text encoder .*weights_sha256"):
+        finetune(hybrid_cfg(target, tmp_path / "o", "--hybrid.mode=text", "--hybrid.text_whiten=0.1",
+                            f"--hybrid.init_from={other}"), progress=False)
+    with pytest.raises(ValueError, match="epochs: must be >= 1"):
+        HybridConfig(epochs=0).validate("hybrid")

@@ -112,15 +112,30 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
     out, reports = tmp_path / "runs", tmp_path / "report"
     common = ["--source", str(tmp_path / "source.yaml"), "--target", str(tmp_path / "target.yaml"),
               "--out", str(out), "--report-dir", str(reports), "--samples", "200"]
-    assert transfer.main([*common, "--arms", "jepa,recformer", "--ways", "zero-shot,vectors,tokens",
+    assert transfer.main([*common, "--arms", "jepa,recformer", "--ways", "zero-shot,vectors,seq,tokens",
                           "--fractions", "0.5,1"]) == 0
-    ways = ["zero-shot", "vectors-0.5", "vectors-1", "tokens-0.5", "tokens-1"]
+    ways = ["zero-shot", "vectors-0.5", "vectors-1", "seq-0", "seq-0.5", "seq-1", "tokens-0.5", "tokens-1"]
     for arm in ("jepa", "recformer"):
         assert (out / arm / "pretrain" / "export" / "config.json").is_file()
         assert sorted(p.stem for p in (out / arm / "eval-test").glob("*.json")) == sorted(ways)
     # 50% of the users: the trained ways saw half of the training sequences
     half = json.loads((out / "jepa" / "eval-test" / "vectors-0.5.json").read_text())
     assert half["low_resource_fraction"] == 0.5
+    # seq-F: an item-vector model trained on the source's catalogue (40 items) moved to the target's (25 items);
+    # seq-0 is its start as it is, the start of every seq-F fit
+    source_fit = json.loads((out / "jepa" / "source-seq" / "result.json").read_text())
+    assert source_fit["history"] and json.loads((out / "jepa" / "source-seq" / "best" / "config.json").read_text()
+                                                )["num_items"] == 40
+    zero = json.loads((out / "jepa" / "seq-0" / "result.json").read_text())
+    assert zero["fit"]["epochs"] == 0 and zero["best"]["epoch"] == 0
+    for way in ("seq-0.5", "seq-1"):
+        first = json.loads((out / "jepa" / way / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["epoch"] == 0
+        assert load_config([str(out / "jepa" / way / "config.yaml")]).hybrid.init_from == \
+            str(out / "jepa" / "source-seq" / "best")
+    assert first["valid_ndcg@10"] == pytest.approx(zero["best"]["ndcg@10"], abs=1e-9)  # all users: the same start
+    seq = json.loads((out / "jepa" / "eval-test" / "seq-1.json").read_text())["methods"][0]["fit"]
+    assert seq["init_from"] == str(out / "jepa" / "source-seq" / "best") and seq["source_seconds"] > 0
     # a second run finds everything done: nothing is trained or evaluated again
     stamp = (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns
     vstamp = (out / "jepa" / "eval-test" / "vectors-1.json").stat().st_mtime_ns
@@ -141,6 +156,15 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
     assert load_config([str(out / "jepa" / "vectors-1" / "config.yaml")]).hybrid.text_whiten == 0.2
     assert load_config([str(stale[0] / "config.yaml")]).hybrid.text_whiten == 0.1  # the runner's default
     assert json.loads((out / "jepa" / "eval-test" / "vectors-1.json").read_text()) != before
+    # the source model's budget changes: it and every seq-F way trained from it are retired and run again
+    seq_stamp = (out / "jepa" / "eval-test" / "seq-1.json").stat().st_mtime_ns
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "seq-1", "--source-steps", "3"]) == 0
+    moved = [p for p in (out / "jepa" / "stale").glob("*/source-seq")]
+    assert len(moved) == 1 and {p.name for p in moved[0].parent.iterdir()} >= {"source-seq", "seq-0", "seq-0.5", "seq-1"}
+    assert json.loads((out / "jepa" / "source-seq" / "result.json").read_text())["fit"]["steps"] == 3
+    assert (out / "jepa" / "eval-test" / "seq-1.json").stat().st_mtime_ns != seq_stamp
+    assert not (out / "jepa" / "eval-test" / "seq-0.json").exists()  # retired, not asked for again
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "seq-0,seq-0.5", "--source-steps", "3"]) == 0
 
     assert transfer.main([*common, "--report"]) == 0
     summary = json.loads((reports / "transfer.json").read_text())

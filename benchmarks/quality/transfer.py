@@ -16,6 +16,11 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
                 item vectors, trained on a seeded share F of the target's training users (1 = all),
                 the vectors whitened (`--text-whiten`, default 0.1: `hybrid.text_whiten`), patience
                 `--low-patience` (30) for F < 1, `--patience` (10) otherwise;
+  seq-F         the same item-vector model trained on the source first (`<arm>/source-seq/`: text-only, the
+                arm's item vectors of the source catalogue, `--source-steps` steps at most), then moved to the
+                target's catalogue (`hybrid.init_from`: its sequence side and adapter kept, the target's item
+                vectors whitened with the source's map) and trained on the share F of the target's users;
+                `seq-0` is that source model on the target as it is (zero-shot);
   tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
 F in --fractions (default 0.01,0.05,1). Every trained way stops on the target's validation split; the test
 split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
@@ -64,6 +69,7 @@ ARMS: dict[str, list[str] | None] = {
                             "--train.warmup_steps=60"],
 }
 MAIN_ARMS = ("minilm", "jepa", "recformer")
+KINDS = ("vectors", "seq", "tokens")  # the trained ways, in report order
 REPORT_DIR = ROOT / "benchmarks" / "quality"
 
 
@@ -73,12 +79,12 @@ def ways(names: str, fractions: list[float]) -> list[str]:
         name = name.strip()
         if name == "zero-shot":
             out.append(name)
-        elif name in ("vectors", "tokens"):
-            out += [f"{name}-{fraction:g}" for fraction in fractions]
-        elif name.split("-")[0] in ("vectors", "tokens") and name.count("-") == 1:
+        elif name in KINDS:
+            out += (["seq-0"] if name == "seq" else []) + [f"{name}-{fraction:g}" for fraction in fractions]
+        elif name.split("-")[0] in KINDS and name.count("-") == 1:
             out.append(name)
         elif name:
-            raise SystemExit(f"unknown way {name!r} (zero-shot, vectors, tokens, vectors-F, tokens-F)")
+            raise SystemExit(f"unknown way {name!r} (zero-shot, {', '.join(KINDS)}, or one of them with -F)")
     return out
 
 
@@ -111,19 +117,56 @@ def target_config(target: str, extra: list[str]):
     return load_config([target], extra)
 
 
+def text_model(encoder: str, folder: Path, patience: int, args) -> list[str]:
+    """Overrides of the item-vector model in its text-only mode over `encoder`'s item vectors."""
+    return ["--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
+            f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
+            "--hybrid.new_item_tolerance=0", f"--hybrid.text_whiten={args.text_whiten}"]
+
+
+def source_config(encoder: str, folder: Path, args):
+    """The config of the `seq-F` ways' source model: the target recipe's item-vector model on the source's data."""
+    from jepa4rec_dist.config import load_config
+
+    data = load_config([args.source]).data
+    return target_config(args.target, [f"--data.dataset={data.dataset}", f"--data.out_dir={data.out_dir}",
+                                       *text_model(encoder, folder, args.source_patience, args),
+                                       f"--hybrid.max_steps={args.source_steps}"])
+
+
+def source_model(arm: str, encoder: str, out: Path, args) -> tuple[str, float]:
+    """(export, fit seconds) of the arm's item-vector model trained on the source (here when missing; resumable)."""
+    from jepa4rec_dist.hybrid.train import train_hybrid
+
+    folder = out / arm / "source-seq"
+    if not (folder / "result.json").is_file():
+        cfg = source_config(encoder, folder, args)
+        if not (Path(cfg.data.out_dir) / "manifest.json").is_file():
+            from jepa4rec_dist.config import load_config
+            from jepa4rec_dist.data.prepare import prepare
+
+            log.info("prepare the source %s", cfg.data.out_dir)
+            prepare(load_config([args.source]), progress=False)
+        log.info("train the %s source model %s -> %s", arm, cfg.data.dataset, folder)
+        train_hybrid(cfg, progress=False)
+    fit = json.loads((folder / "result.json").read_text())["fit"]
+    return str(folder / "best"), fit.get("wall_seconds", fit["train_seconds"])
+
+
 def way_config(way: str, encoder: str, folder: Path, args):
-    """The target config of a trained way (`vectors-F` or `tokens-F`) of `encoder`, run in `folder`."""
+    """The target config of a trained way (`vectors-F`, `seq-F` or `tokens-F`) of `encoder`, run in `folder`."""
     from dataclasses import replace
 
     kind, fraction = way.split("-")
     fraction = float(fraction)
-    low = [f"--finetune.low_resource_fraction={fraction}"] if fraction < 1 else []
+    low = [f"--finetune.low_resource_fraction={fraction}"] if 0 < fraction < 1 else []
+    patience = args.low_patience if fraction < 1 else args.patience
     if kind == "vectors":
-        patience = args.low_patience if fraction < 1 else args.patience
-        return target_config(args.target, [
-            "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.id_dropout=0", f"--hybrid.text_from={encoder}",
-            f"--hybrid.output_dir={folder}", "--hybrid.test_at_end=false", f"--hybrid.patience={patience}",
-            "--hybrid.new_item_tolerance=0", f"--hybrid.text_whiten={args.text_whiten}", *low])
+        return target_config(args.target, [*text_model(encoder, folder, patience, args), *low])
+    if kind == "seq":
+        start = folder.parent / "source-seq" / "best"
+        return target_config(args.target, [*text_model(encoder, folder, patience, args), *low,
+                                           f"--hybrid.init_from={start}", *(["--hybrid.epochs=0"] if not fraction else [])])
     cfg = target_config(args.target, [f"--finetune.output_dir={folder}", f"--finetune.init_from={encoder}", *low])
     return replace(cfg, finetune=replace(cfg.finetune, test_at_end=False))
 
@@ -137,14 +180,17 @@ def run_way(arm: str, way: str, encoder: str, out: Path, ctx, args):
         return cfg, model_scorer(cfg, encoder, ctx.tok, ctx.table, progress=False, name=f"{arm} {way}"), {}, 0.0
     folder = out / arm / way
     cfg = way_config(way, encoder, folder, args)
-    if way.startswith("vectors"):
+    if way.startswith(("vectors", "seq")):
         from jepa4rec_dist.hybrid.train import train_hybrid
 
+        source = source_model(arm, encoder, out, args) if way.startswith("seq") else None
         if not (folder / "result.json").is_file():
             log.info("train %s %s -> %s", arm, way, folder)
             train_hybrid(cfg, progress=False)
         result = json.loads((folder / "result.json").read_text())
         fit = {**result["fit"], "text_from": encoder, "text_whiten": cfg.hybrid.text_whiten}
+        if source:
+            fit.update(init_from=source[0], source_seconds=source[1])
         seconds = result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
         return cfg, model_scorer(cfg, str(folder / "best"), ctx.tok, ctx.table, progress=False,
                                  name=f"{arm} {way}"), fit, seconds
@@ -174,26 +220,37 @@ def way_settings(cfg) -> dict:
 
 def retire_stale(out: Path, arm: str, way: str, encoder: str, args) -> None:
     """A trained way whose recipe settings (`way_settings`) changed since it ran is moved, with its evaluations,
-    to `<out>/<arm>/stale/<time>/` (logged), so it is trained and evaluated again with the current recipe."""
+    to `<out>/<arm>/stale/<time>/` (logged), so it is trained and evaluated again with the current recipe. For the
+    `seq-F` ways, a changed source model (`source-seq`) retires it and every `seq-F` way trained from it."""
     from jepa4rec_dist.config import load_config
 
-    folder = out / arm / way
-    if way == "zero-shot" or not (folder / "config.yaml").is_file():
+    def changes(folder: Path, cfg) -> str:
+        if not (folder / "config.yaml").is_file():
+            return ""
+        before, now = way_settings(load_config([str(folder / "config.yaml")])), way_settings(cfg)
+        return ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(now) if before.get(k) != now.get(k))
+
+    if way == "zero-shot":
         return
-    before = way_settings(load_config([str(folder / "config.yaml")]))
-    now = way_settings(way_config(way, encoder, folder, args))
-    if before == now:
+    source = out / arm / "source-seq"
+    changed = way.startswith("seq") and changes(source, source_config(encoder, source, args))
+    if changed:
+        names = ["source-seq", *(p.name for p in (out / arm).glob("seq-*"))]
+    else:
+        changed, names = changes(out / arm / way, way_config(way, encoder, out / arm / way, args)), [way]
+    if not changed:
         return
-    changed = sorted(k for k in now if before.get(k) != now.get(k))
     stale = out / arm / "stale" / time.strftime("%Y%m%d-%H%M%S")
     stale.mkdir(parents=True, exist_ok=True)
-    folder.rename(stale / way)
-    for split in ("valid", "test"):
-        for f in (out / arm / f"eval-{split}").glob(f"{way}.*"):  # <way>.json and its <way>.ranks/
-            (stale / f"eval-{split}").mkdir(exist_ok=True)
-            f.rename(stale / f"eval-{split}" / f.name)
-    log.warning("%s %s: the recipe changed since it ran (%s): moved to %s, trained again",
-                arm, way, ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in changed), stale)
+    for name in names:
+        if (out / arm / name).exists():
+            (out / arm / name).rename(stale / name)
+        for split in ("valid", "test"):
+            for f in (out / arm / f"eval-{split}").glob(f"{name}.*"):  # <way>.json and its <way>.ranks/
+                (stale / f"eval-{split}").mkdir(exist_ok=True)
+                f.rename(stale / f"eval-{split}" / f.name)
+    log.warning("%s %s: the recipe changed since it ran (%s): %s moved to %s, trained again",
+                arm, names[0], changed, ", ".join(names), stale)
 
 
 def run(args, arms: list[str], chosen_ways: list[str]) -> None:
@@ -246,7 +303,7 @@ def way_order(way: str) -> tuple:
     if way == "zero-shot":
         return (0, 0.0)
     kind, fraction = way.split("-")
-    return (1 if kind == "vectors" else 2, float(fraction))
+    return (1 + KINDS.index(kind), float(fraction))
 
 
 def vector_stats(vectors) -> dict:
@@ -293,8 +350,9 @@ def summarise(found: dict, samples: int) -> dict:
                         "ndcg@10": row["ndcg@10"], "recall@10": row["recall@10"], "mrr": row["mrr"],
                         "users": row["users"], "seconds": doc["methods"][0]["seconds"],
                         "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds"),
-                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0) if way.startswith("vectors")
-                        else None}
+                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0)
+                        if way.startswith(("vectors", "seq")) else None,
+                        "source_seconds": doc["methods"][0]["fit"].get("source_seconds")}
     # every arm against no pretraining; every other pretraining against RecFormer's objective at the same budget;
     # the ablations against the JEPA4Rec recipe
     # (and at the same tuning: an arm `<x>-lr<rest>` also against `recformer-lr<rest>` when that ran)
@@ -326,12 +384,13 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
              f"`{source}`, target recipe `{target}`, {split} split, git {version.get('git_sha', '?')[:7]}. Arms: how "
              "the encoder was pretrained on the source (`minilm`: not at all). Ways: `zero-shot` (the token-level "
              "encoder as it is), `vectors-F` (the item-vector model's text-only mode over the arm's item vectors, "
-             "trained on a share F of the target's training users), `tokens-F` (token-level two-stage finetuning on "
-             "that share). NDCG@10, all users of the split.", ""]
+             "trained on a share F of the target's training users), `seq-F` (that model trained on the source first, "
+             "then moved to the target's catalogue and trained on the share F; `seq-0`: not trained on the target), "
+             "`tokens-F` (token-level two-stage finetuning on that share). NDCG@10, all users of the split.", ""]
     whiten = sorted({p.get("text_whiten") for w in summary["cells"].values() for c in w.values() for p in c.values()}
                     - {None})
     if whiten:
-        lines[-1:] = [f"The `vectors-F` item vectors are whitened with `hybrid.text_whiten` = "
+        lines[-1:] = [f"The `vectors-F` and `seq-F` item vectors are whitened with `hybrid.text_whiten` = "
                       f"{', '.join(str(w) for w in whiten)} (0: as the encoder gives them).", ""]
     arms, ways_ = summary["arms"], summary["ways"]
     for protocol in PROTOCOLS:
@@ -365,16 +424,20 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
             v = summary["vectors"].get(arm)
             if v:
                 lines.append(f"| {arm} | {v['mean_cosine']:.3f} | {v['effective_rank']:.1f} | {v['top_share']:.3f} |")
-    lines += ["", "## Cost", "", "| arm | pretraining s | " + " | ".join(f"{w} s" for w in ways_) + " |",
-              "|---|---|" + "---|" * len(ways_)]
+    lines += ["", "## Cost", "", "Seconds on this machine: pretraining the encoder, the `seq-F` ways' source model, and "
+              "each way's fit and evaluation on the target.", "",
+              "| arm | pretraining s | source model s | " + " | ".join(f"{w} s" for w in ways_) + " |",
+              "|---|---|---|" + "---|" * len(ways_)]
     for arm in arms:
         row = summary["cells"].get(arm, {})
         pre = next((c.get("pretrain_seconds") for w in row.values() for c in w.values()), None)
+        src = next((c.get("source_seconds") for w in row.values() for c in w.values() if c.get("source_seconds")), None)
         secs = []
         for way in ways_:
             c = next(iter(row.get(way, {}).values()), None)
             secs.append("-" if c is None else f"{c['seconds']:.0f}")
-        lines.append(f"| {arm} | {'-' if pre is None else f'{pre:.0f}'} | " + " | ".join(secs) + " |")
+        lines.append(f"| {arm} | {'-' if pre is None else f'{pre:.0f}'} | {'-' if src is None else f'{src:.0f}'} | "
+                     + " | ".join(secs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-whiten", type=float, default=0.1,
                         help="hybrid.text_whiten of the vectors-F ways (chosen on validation, benchmarks/EXPERIMENTS.md "
                              "2026-12-01; 0: the item vectors as the encoder gives them)")
+    parser.add_argument("--source-steps", type=int, default=4230,
+                        help="step budget of the seq-F ways' source model (4,230: 6 ml-1m epochs, ~13 min on 2 cores)")
+    parser.add_argument("--source-patience", type=int, default=3,
+                        help="validations on the source without a better NDCG@10 that stop the source model")
     parser.add_argument("--out", default="runs/transfer/ml-1m-to-ml-100k")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--report", action="store_true", help="write TRANSFER.md / transfer.json / transfer.png")
@@ -453,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    if any(not 0 < f <= 1 for f in fractions):
+    if any(not 0 < f <= 1 for f in fractions):  # seq-0 is the one way without target training
         raise SystemExit(f"--fractions must lie in (0, 1], got {fractions}")
     run(args, arms, ways(args.ways, fractions))
     return 0

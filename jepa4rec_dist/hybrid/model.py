@@ -89,11 +89,15 @@ class HybridConfig:
     # x the reference's on the same users (the reference with its own offset), so new items are ranked about as
     # well as a model without IDs ranks them, at the least cost to the other users; null: the all-user rule
     new_item_reference: str | None = None
-    # staged training: an item-vector export (an earlier fit's best/ on the same catalogue) whose weights start
-    # this model, every parameter of the same name and shape copied; a text adapter the source lacks starts at
-    # zero (with id_init zero for IDs the source lacks), so the model starts as the source computes and the new
-    # side adds to it: IDs first, then text (PAD pre-trains the ID recommender first), or content first, then
-    # IDs (SICSRec's decoupled order). The source is validated before the first epoch and is a candidate for best
+    # staged training: an item-vector export (an earlier fit's best/) whose weights start this model, every
+    # parameter of the same name and shape copied; a text adapter the source lacks starts at zero (with id_init
+    # zero for IDs the source lacks), so the model starts as the source computes and the new side adds to it:
+    # IDs first, then text (PAD pre-trains the ID recommender first), or content first, then IDs (SICSRec's
+    # decoupled order). The source is validated before the first epoch and is a candidate for best.
+    # Transfer: a source with text trained on another catalogue (another dataset, the same text encoder) starts
+    # this one: its sequence side and adapter are copied, per-item parameters (IDs) start fresh, and the item
+    # vectors are whitened with the source's map (`text_whiten` must match). `epochs: 0` then evaluates the
+    # source on this catalogue as it is (zero-shot)
     init_from: str | None = None
     hidden: int = 64
     layers: int = 2
@@ -120,8 +124,9 @@ class HybridConfig:
 
     def validate(self, prefix: str) -> None:
         for name in ("hidden", "layers", "heads", "max_len", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) < (0 if name == "epochs" and self.init_from else 1):
+                raise ValueError(f"{prefix}.{name}: must be >= 1 (epochs: >= 0 with init_from), "
+                                 f"got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ValueError(f"{prefix}.hidden ({self.hidden}) must be a multiple of {prefix}.heads ({self.heads})")
         if not 0 <= self.dropout < 1:
@@ -205,9 +210,11 @@ class FrequencyGate(nn.Module):
 
 class HybridSeqRec(nn.Module):
     """See the module docstring. `text`: (N, d_t) frozen item vectors (None in `id` mode); `counts`: (N,)
-    training counts (the gate's input)."""
+    training counts (the gate's input); `whiten`: (mean, map) to whiten `text` with instead of fitting them here
+    (a model moved from another catalogue keeps its source's)."""
 
-    def __init__(self, num_items: int, cfg: HybridConfig, text: torch.Tensor | None, counts: torch.Tensor):
+    def __init__(self, num_items: int, cfg: HybridConfig, text: torch.Tensor | None, counts: torch.Tensor,
+                 whiten: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.cfg, self.num_items, self.experts = cfg, num_items, cfg.experts
         h = cfg.hidden
@@ -220,7 +227,7 @@ class HybridSeqRec(nn.Module):
             dt = text.shape[1]
             if cfg.text_whiten:
                 trained = torch.as_tensor(counts) > 0
-                mean, white = whitening(text[trained] if int(trained.sum()) > 1 else text, cfg.text_whiten)
+                mean, white = whiten or whitening(text[trained] if int(trained.sum()) > 1 else text, cfg.text_whiten)
                 # `text` holds the whitened vectors; mean and map whiten items added later (`add_items`)
                 self.register_buffer("text_mean", mean)
                 self.register_buffer("text_map", white)

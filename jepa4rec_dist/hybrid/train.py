@@ -154,10 +154,14 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         train_rows = torch.from_numpy(np.flatnonzero(keep))
         remap = torch.full((n_items,), -1, dtype=torch.long)
         remap[train_rows] = torch.arange(len(train_rows))
+    source = source_export(hc.init_from) if hc.init_from else None
+    whiten, moved = None, False
+    if source is not None and not same_catalogue(source, n_items, ctx.dataset_info(), text_identity):
+        whiten, moved = transfer_whitening(source, hc, text_identity), True
     seed_everything(hc.seed)  # here, not earlier: encoding the vectors (or not, when cached) draws random numbers
-    model = HybridSeqRec(n_items, hc, text, torch.from_numpy(counts))
-    if hc.init_from:
-        start_from(model, hc.init_from, ctx.dataset_info(), main)
+    model = HybridSeqRec(n_items, hc, text, torch.from_numpy(counts), whiten=whiten)
+    if source is not None:
+        start_from(model, source, ctx.dataset_info(), main, moved=moved)
     objective = HybridObjective(model, hc.loss_backend, train_rows, remap).to(device)
     engine = _engine(objective, cfg, runtime, device)
     model = engine.module.model
@@ -216,7 +220,7 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
         _checkpoint(engine, ckpts, epoch, state, runtime)
     result = None
     stopped = _stopped_by(hc, state)
-    if main and stopped != "patience" and hc.patience and state["best_epoch"] is not None \
+    if main and stopped != "patience" and hc.patience and state["best_epoch"] is not None and hc.epochs \
             and state["epoch"] - state["best_epoch"] < hc.patience:
         log.warning("hybrid: still improving at the %s (%d epochs, %d steps, best epoch %d): raise hybrid.%s",
                     stopped, state["epoch"], state["steps"], state["best_epoch"],
@@ -231,26 +235,80 @@ def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     return broadcast_value(result)
 
 
-def start_from(model: HybridSeqRec, source: str, dataset: dict, main: bool = True) -> dict:
-    """Copy the weights of the item-vector export `source` into `model` (`hybrid.init_from`): every parameter
-    of the same name and shape; a text adapter the source lacks is zeroed (its output adds nothing at the start).
-    Buffers (text vectors, counts, the new-item offset) stay this run's. Returns {copied, fresh} names."""
+# parameters with a row per item: they belong to one catalogue and start fresh on another
+ITEM_PARAMETERS = ("id_emb",)
+# what the item vectors depend on besides the catalogue (`hybrid.vectors.identity`): equal for one encoder
+ENCODER_KEYS = ("weights_sha256", "config_sha256", "import", "pooling", "max_tokens", "position_style")
+
+
+def source_export(source: str) -> tuple[HybridSeqRec, dict]:
+    """(model, meta) of the item-vector export `source` of `hybrid.init_from`, or a clear error."""
     from jepa4rec_dist.hybrid.scorer import load_hybrid
 
     if not is_hybrid_export(source):
         raise ValueError(f"hybrid.init_from={source}: not an item-vector export (a folder with config.json of "
                          "format jepa4rec-hybrid, e.g. an earlier fit's best/)")
-    src, meta = load_hybrid(source)
+    return load_hybrid(source)
+
+
+def same_catalogue(source: tuple[HybridSeqRec, dict], num_items: int, dataset: dict,
+                   text_identity: dict | None = None) -> bool:
+    """Whether the source export was trained on this catalogue: the same size and dataset name, and (where both
+    have text) the same items file."""
+    src, meta = source
     theirs = (meta.get("dataset") or {}).get("dataset")
-    if src.num_items != model.num_items or (theirs and dataset.get("dataset") and theirs != dataset["dataset"]):
-        raise ValueError(f"hybrid.init_from={source}: its catalogue ({theirs}, {src.num_items} items) is not "
-                         f"this run's ({dataset.get('dataset')}, {model.num_items} items)")
-    state = dict(src.named_parameters())
+    if src.num_items != num_items or (theirs and dataset.get("dataset") and theirs != dataset["dataset"]):
+        return False
+    mine, their_items = (text_identity or {}).get("catalogue_sha256"), (meta.get("text") or {}).get("catalogue_sha256")
+    return not (mine and their_items and mine != their_items)
+
+
+def transfer_whitening(source: tuple[HybridSeqRec, dict], hc, text_identity: dict | None):
+    """Checks that a source from another catalogue can start this model (text on both sides, the same text
+    encoder, the same whitening setting); returns the source's (mean, map) to whiten this catalogue's item
+    vectors with (None: no whitening)."""
+    src, meta = source
+    where = f"hybrid.init_from={hc.init_from}"
+    theirs = (meta.get("dataset") or {}).get("dataset")
+    if not src.use_text or text_identity is None:
+        raise ValueError(f"{where}: a model from another catalogue ({theirs}, {src.num_items} items) can start this "
+                         f"one only through text: both need hybrid.mode text or hybrid (source: {src.cfg.mode}, "
+                         f"this run: {hc.mode}); IDs are per item")
+    src_text = meta.get("text") or {}
+    differ = [k for k in ENCODER_KEYS if src_text.get(k) != text_identity.get(k)]
+    if differ:
+        raise ValueError(f"{where}: its item vectors came from another text encoder ({src_text.get('source')}) "
+                         f"than this run's ({text_identity.get('source')}): {', '.join(differ)} differ; set "
+                         "hybrid.text_from to the source model's encoder")
+    if src.cfg.text_whiten != hc.text_whiten:
+        raise ValueError(f"{where}: hybrid.text_whiten is {hc.text_whiten} here but {src.cfg.text_whiten} in the "
+                         "source; a moved model whitens with its source's map, so set the same value")
+    return (src.text_mean.clone(), src.text_map.clone()) if src.cfg.text_whiten else None
+
+
+def start_from(model: HybridSeqRec, source: str | tuple[HybridSeqRec, dict], dataset: dict,
+               main: bool = True, moved: bool | None = None) -> dict:
+    """Copy the weights of the item-vector export `source` (a folder, or `source_export`'s pair) into `model`
+    (`hybrid.init_from`): every parameter of the same name and shape; a text adapter the source lacks is zeroed
+    (its output adds nothing at the start). From another catalogue (`transfer_whitening` checks it), the
+    per-item parameters (`ITEM_PARAMETERS`) are not copied. Buffers (text vectors, counts, the new-item offset)
+    stay this run's. `moved`: whether the source is from another catalogue (None: by size and dataset name).
+    Returns {copied, fresh, transfer} names."""
+    name = source if isinstance(source, str) else "the source"
+    src, meta = source_export(source) if isinstance(source, str) else source
+    if moved is None:
+        moved = not same_catalogue((src, meta), model.num_items, dataset)
+    if moved and not (src.use_text and model.use_text):
+        theirs = (meta.get("dataset") or {}).get("dataset")
+        raise ValueError(f"hybrid.init_from={name}: its catalogue ({theirs}, {src.num_items} items) is not this "
+                         f"run's ({dataset.get('dataset')}, {model.num_items} items), and a model moves to another "
+                         "catalogue only through text (IDs are per item)")
+    state = {k: v for k, v in src.named_parameters() if not (moved and k in ITEM_PARAMETERS)}
     own = dict(model.named_parameters())
     copied = sorted(k for k, v in state.items() if k in own and own[k].shape == v.shape)
     mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
     if mismatched:
-        raise ValueError(f"hybrid.init_from={source}: shapes differ for {mismatched} (hidden/layers/heads must match)")
+        raise ValueError(f"hybrid.init_from={name}: shapes differ for {mismatched} (hidden/layers/heads must match)")
     with torch.no_grad():
         for k in copied:
             own[k].copy_(state[k])
@@ -259,8 +317,10 @@ def start_from(model: HybridSeqRec, source: str, dataset: dict, main: bool = Tru
             if k.startswith("adapter."):
                 own[k].zero_()
     if main:
-        log.info("hybrid.init_from %s: %d tensors copied; new: %s", source, len(copied), ", ".join(fresh) or "none")
-    return {"copied": copied, "fresh": fresh}
+        log.info("hybrid.init_from %s%s: %d tensors copied; new: %s", name,
+                 " (another catalogue: per-item parameters start fresh)" if moved else "", len(copied),
+                 ", ".join(fresh) or "none")
+    return {"copied": copied, "fresh": fresh, "transfer": moved}
 
 
 def _train_epoch(engine, objective, inputs, targets, epoch, cfg, runtime, device, progress, limit=None) -> dict:
@@ -530,4 +590,5 @@ def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
     return result
 
 
-__all__ = ["train_hybrid", "text_source", "HybridObjective", "start_from"]
+__all__ = ["train_hybrid", "text_source", "HybridObjective", "start_from", "source_export", "same_catalogue",
+           "transfer_whitening"]
