@@ -71,3 +71,36 @@ def test_frequency_buckets_by_hand():
     assert "new-items" not in setting_masks(np.array([1]), b)
     with pytest.raises(ValueError, match="head_share"):
         frequency_buckets(counts, head_share=1.0)
+
+
+def test_compare_averages_each_users_metric_over_training_seeds():
+    """Runs of one method with other seeds: each user's metric is averaged over the runs (matched by user key,
+    whatever the row order), then paired with the other side, by hand."""
+    from pathlib import Path
+
+    from jepa4rec_dist.eval.compare import compare
+    from jepa4rec_dist.eval.ranks import RANK_COLUMNS, RankFile
+
+    keys = np.array(["u0", "u1", "u2", "u3"])
+    targets = np.array([5, 6, 7, 8])
+
+    def run(ranks, order=(0, 1, 2, 3)):
+        order = list(order)
+        cols = {"key": keys[order], "target_index": targets[order]}
+        cols.update({c: np.asarray(ranks)[order] for c in RANK_COLUMNS.values()})
+        return RankFile(Path("x.parquet"), {}, cols)
+
+    a1, a2 = run([0, 20, 1, 3]), run([2, 0, 30, 3], order=(3, 1, 0, 2))  # a2's rows in another order
+    b = run([1, 1, 1, 50])
+    row = compare([a1, a2], b, protocols=("history-excluded",), metrics=("ndcg@10",), samples=500)[0]
+    g = lambda r: 0.0 if r >= 10 else 1 / math.log2(r + 2)  # noqa: E731
+    va = [(g(0) + g(2)) / 2, (g(20) + g(0)) / 2, (g(1) + g(30)) / 2, g(3)]
+    vb = [g(1), g(1), g(1), 0.0]
+    assert row["a"] == pytest.approx(np.mean(va)) and row["b"] == pytest.approx(np.mean(vb))
+    assert row["diff"] == pytest.approx(np.mean(va) - np.mean(vb)) and row["users"] == 4
+    assert (row["runs_a"], row["runs_b"]) == (2, 1)
+    single = compare(a1, b, protocols=("history-excluded",), metrics=("ndcg@10",), samples=500)[0]
+    assert single == compare([a1], [b], protocols=("history-excluded",), metrics=("ndcg@10",), samples=500)[0]
+    other = RankFile(Path("y.parquet"), {}, {**a1.columns, "key": np.array(["u0", "u1", "u2", "u9"])})
+    with pytest.raises(ValueError, match="rank different users"):
+        compare([a1, other], b)

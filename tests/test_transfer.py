@@ -135,7 +135,8 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
             str(out / "jepa" / "source-seq" / "best")
     assert first["valid_ndcg@10"] == pytest.approx(zero["best"]["ndcg@10"], abs=1e-9)  # all users: the same start
     seq = json.loads((out / "jepa" / "eval-test" / "seq-1.json").read_text())["methods"][0]["fit"]
-    assert seq["init_from"] == str(out / "jepa" / "source-seq" / "best") and seq["source_seconds"] > 0
+    assert seq["init_from"] == str(out / "jepa" / "source-seq" / "best")
+    assert seq["source_seconds"] == source_fit["fit"]["wall_seconds"]
     # a second run finds everything done: nothing is trained or evaluated again
     stamp = (out / "jepa" / "eval-test" / "tokens-1.json").stat().st_mtime_ns
     vstamp = (out / "jepa" / "eval-test" / "vectors-1.json").stat().st_mtime_ns
@@ -166,21 +167,45 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
     assert not (out / "jepa" / "eval-test" / "seq-0.json").exists()  # retired, not asked for again
     assert transfer.main([*common, "--arms", "jepa", "--ways", "seq-0,seq-0.5", "--source-steps", "3"]) == 0
 
+    # a second training seed of one way (the same users): its own folder, averaged into the report's cell
+    assert transfer.main([*common, "--arms", "jepa", "--ways", "vectors-0.5", "--seeds", "2"]) == 0
+    assert load_config([str(out / "jepa" / "vectors-0.5@s1" / "config.yaml")]).hybrid.seed == 1
+    seeds = [json.loads((out / "jepa" / "eval-test" / f"vectors-0.5{s}.json").read_text()) for s in ("", "@s1")]
+    assert seeds[0]["rows"] != seeds[1]["rows"]
+
     assert transfer.main([*common, "--report"]) == 0
     summary = json.loads((reports / "transfer.json").read_text())
     assert summary["arms"] == ["jepa", "recformer"] and summary["ways"] == ways
-    # every cell is the number of its evaluation JSON, and the pairs are JEPA4Rec against RecFormer's objective
+    # every cell is the number of its evaluation JSON (one seed), and the pairs are JEPA4Rec against RecFormer's
+    # objective
     for arm in summary["arms"]:
         for way in ways:
+            if (arm, way) == ("jepa", "vectors-0.5"):
+                continue  # two seeds: below
             doc = json.loads((out / arm / "eval-test" / f"{way}.json").read_text())
             row = next(r for r in doc["rows"] if r["setting"] == "all" and r["protocol"] == "history-excluded")
             assert summary["cells"][arm][way]["history-excluded"]["ndcg@10"] == row["ndcg@10"]
+    cell = summary["cells"]["jepa"]["vectors-0.5"]["history-excluded"]
+    per_seed = [next(r["ndcg@10"] for r in d["rows"] if r["setting"] == "all" and r["protocol"] == "history-excluded")
+                for d in seeds]
+    assert cell["seeds"] == 2 and cell["ndcg@10_per_seed"] == per_seed
+    assert cell["ndcg@10"] == pytest.approx(sum(per_seed) / 2)
+    two = next(p for p in summary["pairs"] if p["way"] == "vectors-0.5" and p["arm_b"] == "recformer"
+               and p["protocol"] == "history-excluded")
+    assert (two["runs_a"], two["runs_b"]) == (2, 1) and two["a"] == pytest.approx(cell["ndcg@10"])
     pairs = {(p["arm_a"], p["arm_b"], p["way"], p["protocol"]) for p in summary["pairs"]}
     assert {("jepa", "recformer", w, "history-excluded") for w in ways} <= pairs
+    # within an arm: the moved sequence side against the target-only fit, seq-0 against the token-level zero-shot
+    assert {("jepa", "jepa", "seq-1 vs vectors-1", "history-excluded"),
+            ("jepa", "jepa", "seq-0 vs zero-shot", "history-excluded")} <= pairs
+    within = next(p for p in summary["pairs"] if p["way"] == "seq-1 vs vectors-1" and p["arm_a"] == "jepa"
+                  and p["protocol"] == "history-excluded")
+    assert within["a"] == pytest.approx(summary["cells"]["jepa"]["seq-1"]["history-excluded"]["ndcg@10"])
+    assert within["b"] == pytest.approx(summary["cells"]["jepa"]["vectors-1"]["history-excluded"]["ndcg@10"])
     assert set(summary["vectors"]) == {"jepa", "recformer"}
     assert all(0 < v["effective_rank"] <= 32 for v in summary["vectors"].values())  # tiny model: 32 dims
     text = (reports / "TRANSFER.md").read_text()
-    assert "| vectors-0.5 |" in text and "Paired differences" in text and (reports / "transfer.png").is_file()
+    assert "| vectors-0.5 |" in text and "Paired differences" in text and " (2) |" in text and (reports / "transfer.png").is_file()
     with pytest.raises(SystemExit, match="unknown arms"):
         transfer.main([*common, "--arms", "bert"])
     with pytest.raises(SystemExit, match="unknown way"):

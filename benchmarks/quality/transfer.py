@@ -22,7 +22,10 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
                 vectors whitened with the source's map) and trained on the share F of the target's users;
                 `seq-0` is that source model on the target as it is (zero-shot);
   tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
-F in --fractions (default 0.01,0.05,1). Every trained way stops on the target's validation split; the test
+F in --fractions (default 0.01,0.05,1). `--seeds N` trains the vectors-F and seq-F ways N times (`hybrid.seed`
+0..N-1: initialisation, dropout, batch order; the same users; seed s > 0 in `<arm>/<way>@s<s>/`): the report
+averages each user's metric over the seeds before the paired intervals (a single fit's training noise is as
+large as the differences between arms at 1-5% of the users; benchmarks/EXPERIMENTS.md, 2026-12-01). Every trained way stops on the target's validation split; the test
 split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
 Each finished step is skipped when run again, so a stopped run resumes.
 
@@ -153,12 +156,30 @@ def source_model(arm: str, encoder: str, out: Path, args) -> tuple[str, float]:
     return str(folder / "best"), fit.get("wall_seconds", fit["train_seconds"])
 
 
+def parse_way(name: str) -> tuple[str, float, int]:
+    """(kind, share of the users, training seed) of a way's run name: `vectors-0.05`, `seq-1@s2`, `zero-shot`."""
+    way, _, seed = name.partition("@s")
+    if way == "zero-shot":
+        return way, 0.0, 0
+    kind, fraction = way.split("-")
+    return kind, float(fraction), int(seed or 0)
+
+
+def seeded(way: str) -> bool:
+    """Whether `--seeds` repeats a way: the trained item-vector ways (the token level: one seed)."""
+    kind, fraction, _ = parse_way(way)
+    return kind == "vectors" or (kind == "seq" and fraction > 0)
+
+
 def way_config(way: str, encoder: str, folder: Path, args):
-    """The target config of a trained way (`vectors-F`, `seq-F` or `tokens-F`) of `encoder`, run in `folder`."""
+    """The target config of a trained way (`vectors-F`, `seq-F` or `tokens-F`, `@s<seed>` for seed > 0) of
+    `encoder`, run in `folder`."""
     from dataclasses import replace
 
-    kind, fraction = way.split("-")
-    fraction = float(fraction)
+    kind, fraction, seed = parse_way(way)
+    if seed:
+        cfg = way_config(way.partition("@s")[0], encoder, folder, args)
+        return replace(cfg, hybrid=replace(cfg.hybrid, seed=seed))
     low = [f"--finetune.low_resource_fraction={fraction}"] if 0 < fraction < 1 else []
     patience = args.low_patience if fraction < 1 else args.patience
     if kind == "vectors":
@@ -188,7 +209,7 @@ def run_way(arm: str, way: str, encoder: str, out: Path, ctx, args):
             log.info("train %s %s -> %s", arm, way, folder)
             train_hybrid(cfg, progress=False)
         result = json.loads((folder / "result.json").read_text())
-        fit = {**result["fit"], "text_from": encoder, "text_whiten": cfg.hybrid.text_whiten}
+        fit = {**result["fit"], "text_from": encoder, "text_whiten": cfg.hybrid.text_whiten, "seed": cfg.hybrid.seed}
         if source:
             fit.update(init_from=source[0], source_seconds=source[1])
         seconds = result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
@@ -264,9 +285,13 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
         log.info("prepare the target %s", base.data.out_dir)
         prepare(base, progress=False)
     ctx = EvalContext.build(base)
+    if args.seeds > 1 and any(w.startswith("tokens") for w in chosen_ways):
+        log.warning("--seeds %d: the tokens-F ways run once (finetune.seed also draws the low-resource users)",
+                    args.seeds)
+    runs = [w if s == 0 else f"{w}@s{s}" for w in chosen_ways for s in range(args.seeds if seeded(w) else 1)]
     for arm in arms:
         encoder = pretrained(arm, args.source, out)
-        for way in chosen_ways:
+        for way in runs:
             path = out / arm / f"eval-{args.split}" / f"{way}.json"
             retire_stale(out, arm, way, encoder, args)
             if path.is_file():
@@ -288,22 +313,22 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
 # report
 # ---------------------------------------------------------------------------------------------------------
 def load(out: Path, split: str) -> dict:
-    """{arm: {way: (eval json document, rank file)}} of every evaluation under `out`."""
+    """{arm: {way: [(eval json document, rank file) per training seed, seed 0 first]}} of every evaluation
+    under `out`."""
     from jepa4rec_dist.eval.ranks import read_ranks
 
     found: dict = {}
-    for path in sorted(out.glob(f"*/eval-{split}/*.json")):
+    for path in sorted(out.glob(f"*/eval-{split}/*.json"), key=lambda p: (p.parent.as_posix(), parse_way(p.stem))):
         doc = json.loads(path.read_text())
-        arm, way = path.parent.parent.name, path.stem
-        found.setdefault(arm, {})[way] = (doc, read_ranks(path.parent / doc["methods"][0]["ranks_file"]))
+        arm, way = path.parent.parent.name, path.stem.partition("@s")[0]
+        found.setdefault(arm, {}).setdefault(way, []).append(
+            (doc, read_ranks(path.parent / doc["methods"][0]["ranks_file"])))
     return found
 
 
 def way_order(way: str) -> tuple:
-    if way == "zero-shot":
-        return (0, 0.0)
-    kind, fraction = way.split("-")
-    return (1 + KINDS.index(kind), float(fraction))
+    kind, fraction, _ = parse_way(way)
+    return (0 if kind == "zero-shot" else 1 + KINDS.index(kind), fraction)
 
 
 def vector_stats(vectors) -> dict:
@@ -329,7 +354,7 @@ def arm_vectors(found: dict, target: str) -> dict:
     cfg = target_config(target, [])
     out = {}
     for arm, evaluated in found.items():
-        encoder = next(iter(evaluated.values()))[0]["methods"][0]["fit"].get("encoder")
+        encoder = next(iter(evaluated.values()))[0][0]["methods"][0]["fit"].get("encoder")
         if encoder and (encoder == "minilm" or Path(encoder).is_dir()):
             out[arm] = vector_stats(item_vectors(cfg, cfg.data.out_dir, encoder, progress=False, stale_ok=True)[0])
     return out
@@ -343,16 +368,22 @@ def summarise(found: dict, samples: int) -> dict:
     all_ways = sorted({w for a in arms for w in found[a]}, key=way_order)
     cells, pairs = {}, []
     for arm in arms:
-        for way, (doc, _) in found[arm].items():
+        for way, runs in found[arm].items():
+            doc = runs[0][0]
             for row in doc["rows"]:
-                if row["setting"] == "all":
-                    cells.setdefault(arm, {}).setdefault(way, {})[row["protocol"]] = {
-                        "ndcg@10": row["ndcg@10"], "recall@10": row["recall@10"], "mrr": row["mrr"],
-                        "users": row["users"], "seconds": doc["methods"][0]["seconds"],
-                        "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds"),
-                        "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0)
-                        if way.startswith(("vectors", "seq")) else None,
-                        "source_seconds": doc["methods"][0]["fit"].get("source_seconds")}
+                if row["setting"] != "all":
+                    continue
+                seeds = [next(r for r in d["rows"] if r["setting"] == "all" and r["protocol"] == row["protocol"])
+                         for d, _ in runs]
+                cells.setdefault(arm, {}).setdefault(way, {})[row["protocol"]] = {
+                    # over the seeds: the mean of each user's average (the same users in every run)
+                    **{m: sum(r[m] for r in seeds) / len(seeds) for m in ("ndcg@10", "recall@10", "mrr")},
+                    "seeds": len(seeds), "ndcg@10_per_seed": [r["ndcg@10"] for r in seeds],
+                    "users": row["users"], "seconds": sum(d["methods"][0]["seconds"] for d, _ in runs) / len(runs),
+                    "pretrain_seconds": doc["methods"][0]["fit"].get("pretrain_seconds"),
+                    "text_whiten": doc["methods"][0]["fit"].get("text_whiten", 0.0)
+                    if way.startswith(("vectors", "seq")) else None,
+                    "source_seconds": doc["methods"][0]["fit"].get("source_seconds")}
     # every arm against no pretraining; every other pretraining against RecFormer's objective at the same budget;
     # the ablations against the JEPA4Rec recipe
     # (and at the same tuning: an arm `<x>-lr<rest>` also against `recformer-lr<rest>` when that ran)
@@ -364,15 +395,27 @@ def summarise(found: dict, samples: int) -> dict:
         [(a, "recformer") for a in arms if a not in ("minilm", "recformer")] + \
         [(a, peer(a)) for a in arms if peer(a)] + \
         [(a, "jepa") for a in arms if a not in MAIN_ARMS]
+    def add(a: str, way_a: str, b: str, way_b: str) -> None:
+        if way_a in found.get(a, {}) and way_b in found.get(b, {}):
+            for r in compare([rf for _, rf in found[a][way_a]], [rf for _, rf in found[b][way_b]],
+                             settings=("all",), protocols=PROTOCOLS,
+                             metrics=("ndcg@10",), samples=samples):
+                if r.get("users"):
+                    pairs.append({**r, "arm_a": a, "arm_b": b,
+                                  "way": way_a if way_a == way_b else f"{way_a} vs {way_b}"})
+
     for a, b in against:
-        if a not in found or b not in found:
-            continue
         for way in all_ways:
-            if way in found[a] and way in found[b]:
-                for r in compare(found[a][way][1], found[b][way][1], settings=("all",), protocols=PROTOCOLS,
-                                 metrics=("ndcg@10",), samples=samples):
-                    if r.get("users"):
-                        pairs.append({**r, "arm_a": a, "arm_b": b, "way": way})
+            add(a, way, b, way)
+    # within an arm: what the source-trained sequence side adds (seq-F against vectors-F; seq-0 against the
+    # token-level zero-shot), and the whole pretraining against none (an arm's seq-F against raw MiniLM's vectors-F)
+    for arm in arms:
+        for way in all_ways:
+            if way.startswith("seq-"):
+                plain = "zero-shot" if way == "seq-0" else way.replace("seq-", "vectors-")
+                add(arm, way, arm, plain)
+                if arm != "minilm":
+                    add(arm, way, "minilm", plain)
     return {"arms": arms, "ways": all_ways, "cells": cells, "pairs": pairs}
 
 
@@ -386,7 +429,9 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
              "encoder as it is), `vectors-F` (the item-vector model's text-only mode over the arm's item vectors, "
              "trained on a share F of the target's training users), `seq-F` (that model trained on the source first, "
              "then moved to the target's catalogue and trained on the share F; `seq-0`: not trained on the target), "
-             "`tokens-F` (token-level two-stage finetuning on that share). NDCG@10, all users of the split.", ""]
+             "`tokens-F` (token-level two-stage finetuning on that share). NDCG@10, all users of the split; a cell "
+             "marked (N) averages N training seeds of the same users' fit, and its paired intervals average each "
+             "user's metric over those seeds first.", ""]
     whiten = sorted({p.get("text_whiten") for w in summary["cells"].values() for c in w.values() for p in c.values()}
                     - {None})
     if whiten:
@@ -399,12 +444,14 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
             vals = []
             for arm in arms:
                 c = summary["cells"].get(arm, {}).get(way, {}).get(protocol)
-                vals.append("-" if c is None else f"{c['ndcg@10']:.4f}")
+                vals.append("-" if c is None else f"{c['ndcg@10']:.4f}" + (f" ({c['seeds']})" if c["seeds"] > 1 else ""))
             lines.append(f"| {way} | " + " | ".join(vals) + " |")
         lines.append("")
     lines += ["## Paired differences (NDCG@10)", "",
               "A - B over the same users, 95% paired bootstrap interval, two-sided paired randomization p. "
-              "**A beats B** only where the interval excludes zero; the ratio is A / B.", "",
+              "**A beats B** only where the interval excludes zero; the ratio is A / B. A way `seq-F vs vectors-F` "
+              "pairs arm A's `seq-F` with arm B's `vectors-F` (the same arm: what the source-trained sequence side "
+              "adds; against minilm: the whole pretraining against none).", "",
               "| protocol | way | arm A | arm B | A | B | A / B | A - B | 95% interval | p | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["pairs"]:
@@ -502,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="step budget of the seq-F ways' source model (4,230: 6 ml-1m epochs, ~13 min on 2 cores)")
     parser.add_argument("--source-patience", type=int, default=3,
                         help="validations on the source without a better NDCG@10 that stop the source model")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds (hybrid.seed 0..N-1) of the vectors-F and seq-F ways; the report averages "
+                             "each user's metric over them")
     parser.add_argument("--out", default="runs/transfer/ml-1m-to-ml-100k")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--report", action="store_true", help="write TRANSFER.md / transfer.json / transfer.png")
@@ -519,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if any(not 0 < f <= 1 for f in fractions):  # seq-0 is the one way without target training
         raise SystemExit(f"--fractions must lie in (0, 1], got {fractions}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from jepa4rec_dist.eval.harness import PROTOCOLS
 from jepa4rec_dist.eval.ranks import RankFile, align, read_ranks, slug
-from jepa4rec_dist.eval.stats import METRICS, paired_difference
+from jepa4rec_dist.eval.stats import METRICS, paired_difference, paired_values, per_user
 
 
 def resolve(spec: str, run: str | Path | None = None) -> RankFile:
@@ -35,21 +37,32 @@ def resolve(spec: str, run: str | Path | None = None) -> RankFile:
     raise ValueError(f"{run}: no method {spec!r} (known: {known})")
 
 
-def compare(a: RankFile, b: RankFile, settings=("all",), protocols=PROTOCOLS, metrics=METRICS,
-            samples: int = 10_000, seed: int = 0) -> list[dict]:
-    """One dict per (protocol, setting, metric): A, B, A - B, 95% interval, p-value, users."""
-    ia, ib = align(a, b)
+def compare(a: RankFile | list[RankFile], b: RankFile | list[RankFile], settings=("all",), protocols=PROTOCOLS,
+            metrics=METRICS, samples: int = 10_000, seed: int = 0) -> list[dict]:
+    """One dict per (protocol, setting, metric): A, B, A - B, 95% interval, p-value, users. A side given as a
+    list of rank files (runs of one method with other training seeds, on the same users) counts each user's
+    metric averaged over its runs, so the interval is over users with the training noise averaged out."""
+    runs_a, runs_b = (list(x) if isinstance(x, (list, tuple)) else [x] for x in (a, b))
+    if not runs_a or not runs_b:
+        raise ValueError("compare: each side needs at least one rank file")
+    orders = [align(runs_a[0], f)[1] for f in (*runs_a, *runs_b)]  # every run: the same users and targets
     out = []
     for protocol in protocols:
-        ra, rb = a.ranks(protocol)[ia], b.ranks(protocol)[ib]
+        ranks = [f.ranks(protocol)[o] for f, o in zip((*runs_a, *runs_b), orders, strict=True)]
         for setting in settings:
-            mask = a.mask(setting)[ia]
+            mask = runs_a[0].mask(setting)[orders[0]]
             if not mask.any():
                 out.append({"protocol": protocol, "setting": setting, "users": 0})
                 continue
             for metric in metrics:
-                d = paired_difference(ra[mask], rb[mask], metric, samples, seed)
-                out.append({"protocol": protocol, "setting": setting, **d.to_dict()})
+                if len(ranks) == 2:
+                    d = paired_difference(ranks[0][mask], ranks[1][mask], metric, samples, seed)
+                else:
+                    va = np.mean([per_user(r[mask], metric) for r in ranks[:len(runs_a)]], axis=0)
+                    vb = np.mean([per_user(r[mask], metric) for r in ranks[len(runs_a):]], axis=0)
+                    d = paired_values(va, vb, metric, samples, seed)
+                out.append({"protocol": protocol, "setting": setting, **d.to_dict(),
+                            **({"runs_a": len(runs_a), "runs_b": len(runs_b)} if len(ranks) > 2 else {})})
     return out
 
 

@@ -95,11 +95,19 @@ def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metric: str, sam
     ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
     if ranks_a.shape != ranks_b.shape or ranks_a.ndim != 1:
         raise ValueError(f"paired comparison needs the same users: {ranks_a.shape} vs {ranks_b.shape}")
-    va, vb = per_user(ranks_a, metric), per_user(ranks_b, metric)
+    return paired_values(per_user(ranks_a, metric), per_user(ranks_b, metric), metric, samples, seed)
+
+
+def paired_values(va: np.ndarray, vb: np.ndarray, metric: str, samples: int = 10_000, seed: int = 0) -> Difference:
+    """A - B from per-user values of `metric` (aligned user by user; e.g. each averaged over training seeds)."""
+    va, vb = np.asarray(va, dtype=np.float64), np.asarray(vb, dtype=np.float64)
+    if va.shape != vb.shape or va.ndim != 1:
+        raise ValueError(f"paired comparison needs the same users: {va.shape} vs {vb.shape}")
     d = va - vb
     low, high = bootstrap_interval(d, samples, seed)
     return Difference(metric, float(va.mean()), float(vb.mean()), float(d.mean()), low, high,
                       randomization_p(d, samples, seed), len(d))
 
 
-__all__ = ["METRICS", "per_user", "Difference", "bootstrap_interval", "randomization_p", "paired_difference"]
+__all__ = ["METRICS", "per_user", "Difference", "bootstrap_interval", "randomization_p", "paired_difference",
+           "paired_values"]
