@@ -25,8 +25,9 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
 F in --fractions (default 0.01,0.05,1). `--seeds N` trains the vectors-F and seq-F ways N times (`hybrid.seed`
 0..N-1: initialisation, dropout, batch order; the same users; seed s > 0 in `<arm>/<way>@s<s>/`): the report
 averages each user's metric over the seeds before the paired intervals (a single fit's training noise is as
-large as the differences between arms at 1-5% of the users; benchmarks/EXPERIMENTS.md, 2026-12-01). Every trained way stops on the target's validation split; the test
-split is read only by the evaluation written to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
+large as the differences between arms at 1-5% of the users; benchmarks/EXPERIMENTS.md, 2026-12-01).
+Every trained way stops on the target's validation split; the test split is read only by the evaluation written
+to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
 Each finished step is skipped when run again, so a stopped run resumes.
 
 `--report` reads every evaluation under `<out>` and writes benchmarks/quality/TRANSFER.md, transfer.json and
@@ -546,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hybrid.text_whiten of the vectors-F ways (chosen on validation, benchmarks/EXPERIMENTS.md "
                              "2026-12-01; 0: the item vectors as the encoder gives them)")
     parser.add_argument("--source-steps", type=int, default=4230,
-                        help="step budget of the seq-F ways' source model (4,230: 6 ml-1m epochs, ~13 min on 2 cores)")
+                        help="step budget of the seq-F ways' source model (4,230: 6 ml-1m epochs, ~460 s on one "
+                             "CPU thread)")
     parser.add_argument("--source-patience", type=int, default=3,
                         help="validations on the source without a better NDCG@10 that stop the source model")
     parser.add_argument("--seeds", type=int, default=1,

@@ -248,7 +248,8 @@ def source_export(source: str) -> tuple[HybridSeqRec, dict]:
     if not is_hybrid_export(source):
         raise ValueError(f"hybrid.init_from={source}: not an item-vector export (a folder with config.json of "
                          "format jepa4rec-hybrid, e.g. an earlier fit's best/)")
-    return load_hybrid(source)
+    model, meta = load_hybrid(source)
+    return model, {**meta, "export_folder": str(source)}
 
 
 def same_catalogue(source: tuple[HybridSeqRec, dict], num_items: int, dataset: dict,
@@ -294,8 +295,8 @@ def start_from(model: HybridSeqRec, source: str | tuple[HybridSeqRec, dict], dat
     per-item parameters (`ITEM_PARAMETERS`) are not copied. Buffers (text vectors, counts, the new-item offset)
     stay this run's. `moved`: whether the source is from another catalogue (None: by size and dataset name).
     Returns {copied, fresh, transfer} names."""
-    name = source if isinstance(source, str) else "the source"
     src, meta = source_export(source) if isinstance(source, str) else source
+    name = meta.get("export_folder", "the source")
     if moved is None:
         moved = not same_catalogue((src, meta), model.num_items, dataset)
     if moved and not (src.use_text and model.use_text):
