@@ -37,12 +37,13 @@ from jepa4rec_dist.eval.ranks import read_ranks
 from jepa4rec_dist.eval.stats import bootstrap_interval, paired_difference, per_user
 
 ORDER = ("hybrid", "hybrid-text", "hybrid-id", "hybrid-align", "hybrid-gate", "hybrid-noiddrop", "hybrid-minilm",
-         "hybrid-minilm-text",
+         "hybrid-minilm-text", "hybrid-moved",
          "jepa4rec-finetuned", "jepa4rec-zero-shot", "text-pop", "sasrec", "gru4rec", "graph", "popularity")
 LABELS = {"hybrid": "ID + text (item vectors)", "hybrid-text": "  ablation: without IDs (text only)",
           "hybrid-id": "  ablation: without text (IDs only)", "hybrid-align": "  ablation: with MK-MMD alignment",
           "hybrid-minilm-text": "  text only, raw MiniLM (the raw-MiniLM row's new-item reference)",
           "hybrid-gate": "  ablation: with frequency gating", "hybrid-noiddrop": "  ablation: without ID dropout", "hybrid-minilm": "  ablation: raw MiniLM text",
+          "hybrid-moved": "  variant: sequence side moved from another dataset's text model",
           "jepa4rec-finetuned": "JEPA4Rec finetuned", "jepa4rec-zero-shot": "JEPA4Rec zero-shot",
           "text-pop": "text zero-shot + popularity", "sasrec": "SASRec (IDs)", "gru4rec": "GRU4Rec (IDs)",
           "graph": "graph heuristic", "popularity": "popularity"}

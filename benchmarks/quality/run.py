@@ -13,8 +13,9 @@ validation NDCG@10) it runs, each step skipped when its output exists (so a stop
   method on the test split (`eval/<method>.json` + per-user ranks beside it).
 Methods (`--methods`): the pretrained export (zero-shot), the finetuned model, the baselines (popularity,
 sasrec, gru4rec, graph, text-pop) and the item-vector model with its ablations (hybrid, hybrid-text,
-hybrid-id, hybrid-align, hybrid-gate, hybrid-noiddrop, hybrid-minilm), each fitted on the train split, tuned/stopped on
-the validation split only. Wall times (pretraining and finetuning included for the text model) go into each
+hybrid-id, hybrid-align, hybrid-gate, hybrid-noiddrop, hybrid-minilm; hybrid-moved: started from the text-only model
+of another dataset given by `--moved-from`), each fitted on the train split, tuned/stopped on the validation split
+only. Wall times (pretraining and finetuning included for the text model) go into each
 method's JSON. Folder: runs/quality/<dataset>/<variant>/ (`--out` to change).
 
 Two runners on the same recipe share the work on a machine with cores to spare: each step is claimed with a
@@ -47,6 +48,10 @@ HYBRID = {
     "hybrid-gate": ["--hybrid.gating=frequency"],  # with frequency-gated experts
     "hybrid-noiddrop": ["--hybrid.id_dropout=0"],  # without ID dropout
     "hybrid-minilm": ["--hybrid.text_from=minilm"],  # text from raw MiniLM instead of the JEPA4Rec export
+    # the sequence side and text adapter moved from a text-only model trained on *another* dataset (`--moved-from`,
+    # `hybrid.init_from` across catalogues; IDs start at zero): raw MiniLM text whitened as that model read it,
+    # no ID dropout (chosen on ml-100k validation, benchmarks/EXPERIMENTS.md 2026-12-01, eighth session)
+    "hybrid-moved": ["--hybrid.text_from=minilm", "--hybrid.text_whiten=0.1", "--hybrid.id_dropout=0"],
 }
 # Fits that only anchor others' new-item offsets (new-items variant): the text-only mode with the text source
 # of the model it serves (`reference_fit`)
@@ -130,7 +135,7 @@ def timed(timing_path: Path, key: str, fn):
     return out
 
 
-def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], method: str):
+def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, moved_from: str | None = None):
     """Train (or resume, or re-finish) one item-vector model of this variant; its config and run folder.
 
     In the new-items variant every model with text and IDs anchors its new-item offset on the text-only mode's
@@ -145,6 +150,11 @@ def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], met
     overrides = [f"--hybrid.text_from={Path(folder) / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
                  "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra,
                  *(HYBRID[method] if method in HYBRID else REFERENCE_FITS[method])]
+    if method == "hybrid-moved":
+        if not moved_from:
+            raise SystemExit("hybrid-moved needs --moved-from: a text-only item-vector export of another dataset "
+                             "(e.g. the transfer runner's <arm>/source-seq/best)")
+        overrides.append(f"--hybrid.init_from={moved_from}")
     if new_items > 0 and reference_fit(method):
         reference = train_fit(recipe, folder, new_items, extra, reference_fit(method))[1] / "best"
         overrides.append(f"--hybrid.new_item_reference={reference}")
@@ -161,19 +171,22 @@ def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], met
     return cfg, out
 
 
-def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, ctx):
+def fit_hybrid(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, ctx,
+               moved_from: str | None = None):
     """Train (or resume) one item-vector model of this variant; its scorer, fit report and seconds."""
     from jepa4rec_dist.eval.run import model_scorer
 
-    cfg, out = train_fit(recipe, folder, new_items, extra, method)
+    cfg, out = train_fit(recipe, folder, new_items, extra, method, moved_from)
     result = json.loads((out / "result.json").read_text())
-    fit = {**result["fit"], "text_from": cfg.hybrid.text_from if cfg.hybrid.mode != "id" else None}
+    fit = {**result["fit"], "text_from": cfg.hybrid.text_from if cfg.hybrid.mode != "id" else None,
+           **({"init_from": cfg.hybrid.init_from} if cfg.hybrid.init_from else {})}
     scorer = model_scorer(cfg, str(out / "best"), ctx.tok, ctx.table, progress=False, name=method)
     # the fit's own wall time (summed over resumed runs), not this call's: the caller adds the test evaluation
     return scorer, fit, result["fit"].get("wall_seconds", result["fit"]["train_seconds"])
 
 
-def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str], extra: list[str]) -> None:
+def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str], extra: list[str],
+                moved_from: str | None = None) -> None:
     from dataclasses import replace
 
     from jepa4rec_dist.baselines import build_baseline
@@ -191,8 +204,8 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
         timed(timing_path, "prepare_seconds", lambda: prepare(cfg, progress=False))
     export = folder / "pretrain" / "export"
     own_text = "--hybrid.text_from=minilm" not in extra  # else the hybrid rows read raw MiniLM vectors
-    wants_text = any(m.startswith("jepa4rec") or (own_text and m in HYBRID and m not in ("hybrid-id", "hybrid-minilm"))
-                     for m in methods)
+    wants_text = any(m.startswith("jepa4rec") or (own_text and m in HYBRID and "--hybrid.text_from=minilm" not in
+                                                  HYBRID[m] and m != "hybrid-id") for m in methods)
     if wants_text and not (export / "config.json").is_file():
         if claim(folder, "pretrain"):
             log.info("pretrain -> %s", export)
@@ -225,7 +238,7 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
         log.info("evaluate %s", method)
         t0 = time.perf_counter()
         if method in HYBRID:
-            scorer, fit, prior = fit_hybrid(recipe, folder, new_items, extra, method, ctx)
+            scorer, fit, prior = fit_hybrid(recipe, folder, new_items, extra, method, ctx, moved_from)
             t0 = time.perf_counter()  # the fit's time is in `prior` (counting it twice overstated these rows)
         elif method.startswith("jepa4rec"):
             tuned = method == "jepa4rec-finetuned"
@@ -256,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-resource-patience", type=int, default=10,
                         help="patience (validations) of every trained model in the low-resource variant: its epochs are "
                              "1/fraction times shorter, so a recipe's patience for long epochs would stop it at noise")
+    parser.add_argument("--moved-from", default=None,
+                        help="hybrid-moved: a text-only item-vector export trained on another dataset whose sequence side "
+                             "starts the model (raw MiniLM text, text_whiten 0.1), e.g. "
+                             "runs/transfer/ml-1m-to-ml-100k/minilm/source-seq/best for ml-100k")
     parser.add_argument("--out", default="runs/quality", help="root of the run folders")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args, extra = parser.parse_known_args(argv)
@@ -288,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                    # NDCG@10: nothing here asks to trade accuracy for their exposure (the new-items variant does)
                    "--hybrid.new_item_tolerance=0", *extra]
             chosen = [m for m in methods if not m.startswith("jepa4rec")]
-            run_variant(args.recipe, folder, 0.0, chosen, [*low, "--hybrid.text_from=minilm"])
+            run_variant(args.recipe, folder, 0.0, chosen, [*low, "--hybrid.text_from=minilm"], args.moved_from)
         else:
-            run_variant(args.recipe, folder, args.new_items_fraction if variant == "new-items" else 0.0, methods, extra)
+            run_variant(args.recipe, folder, args.new_items_fraction if variant == "new-items" else 0.0, methods, extra,
+                        args.moved_from)
         log.info("%s %s done in %.0f s", dataset, variant, time.perf_counter() - t0)
     return 0
 
