@@ -119,3 +119,32 @@ def test_two_runners_share_a_variant_through_lock_files(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "is gone: taking it over" in done.stderr and "popularity: done" in done.stderr
     assert (runs / "generic/standard/eval/sasrec.json").is_file() and not (locks / "sasrec.lock").exists()
+
+
+def test_runner_hybrid_moved_starts_from_another_datasets_text_model(tmp_path):
+    """`hybrid-moved`: the item-vector model whose sequence side starts from a text-only model of another dataset
+    (`--moved-from`); without the option the runner stops with a message naming it."""
+    from jepa4rec_dist.config import load_config
+    from jepa4rec_dist.train.finetune import finetune
+
+    other = write_successor_dataset(tmp_path / "other", n_items=30, n_users=100, seed=3)
+    finetune(load_config(overrides=[
+        f"--data.out_dir={other}", "--finetune.model=hybrid", "--hybrid.mode=text", "--hybrid.text_from=minilm",
+        "--hybrid.text_whiten=0.1", f"--hybrid.output_dir={tmp_path / 'source'}", "--hybrid.hidden=16",
+        "--hybrid.max_len=8", "--hybrid.epochs=2", "--hybrid.lr=1e-2", "--hybrid.test_at_end=false",
+        "--model.pooling=mean"]), progress=False)
+    cmd, runs = runner_command(tmp_path, 3, "--variants", "standard")
+    cmd[cmd.index("popularity,sasrec")] = "hybrid-moved"
+    missing = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "hybrid-moved needs --moved-from" in missing.stderr
+    source = str(tmp_path / "source" / "best")
+    done = subprocess.run([*cmd, "--moved-from", source], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fit = json.loads((runs / "generic/standard/eval/hybrid-moved.json").read_text())["methods"][0]["fit"]
+    assert fit["init_from"] == source and fit["text_from"] == "minilm"
+    fits = runs / "generic/standard/hybrid/hybrid-moved"
+    hc = yaml.safe_load((fits / "config.yaml").read_text())["hybrid"]
+    assert (hc["mode"], hc["text_whiten"], hc["id_dropout"]) == ("hybrid", 0.1, 0.0)
+    rows = [json.loads(x) for x in (fits / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["epoch"] == 0 and len(rows) == 4  # the moved start, validated, then the recipe's 3 epochs
+    assert "another catalogue: per-item parameters start fresh" in done.stderr
