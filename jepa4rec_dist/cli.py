@@ -229,12 +229,14 @@ def cmd_compare(args, overrides: list[str]) -> int:
     from jepa4rec_dist.eval.harness import PROTOCOLS
 
     cfg = _config(args, overrides)
-    a, b = resolve(args.a, args.run), resolve(args.b, args.run)
+    a = [resolve(x.strip(), args.run) for x in args.a.split(",") if x.strip()]
+    b = [resolve(x.strip(), args.run) for x in args.b.split(",") if x.strip()]
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     settings = tuple(s.strip() for s in args.setting.split(","))
     rows = compare(a, b, settings, protocols, samples=args.samples or cfg.eval.bootstrap_samples, seed=args.seed)
     if args.json:
-        print(json.dumps({"a": str(a.path), "b": str(b.path), "a_method": a.method, "b_method": b.method, "rows": rows}))
+        paths = {k: str(v[0].path) if len(v) == 1 else [str(r.path) for r in v] for k, v in (("a", a), ("b", b))}
+        print(json.dumps({**paths, "a_method": a[0].method, "b_method": b[0].method, "rows": rows}))
     else:
         print(format_comparison(a, b, rows))
     return 0
@@ -349,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="A - B on NDCG@10, Recall@10, MRR with a 95% paired bootstrap interval and p-value")
-    p.add_argument("a", help="rank file (.parquet) or, with --run, a method name")
-    p.add_argument("b", help="rank file (.parquet) or, with --run, a method name")
+    p.add_argument("a", help="rank file (.parquet) or, with --run, a method name; comma-separated for several runs "
+                             "of one method (other training seeds): each user's metric averaged over them")
+    p.add_argument("b", help="as A")
     p.add_argument("--run", help="an evaluation JSON of `jepa4rec evaluate`: A and B name two of its methods")
     p.add_argument("--setting", default="all", help="comma-separated: all,cold,tail,head,new-items (default all)")
     p.add_argument("--protocol", default="both", choices=["both", "history-excluded", "history-included"])

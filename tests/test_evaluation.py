@@ -92,6 +92,16 @@ def test_evaluate_writes_both_protocols_and_rank_files_that_reproduce_every_row(
     assert main(["compare", str(same), str(same), "--samples", "300", "--setting", "all,head"]) == 0
     text = capsys.readouterr().out
     assert "+0.0000   [+0.0000, +0.0000]    1.0000" in text and "head" in text
+    # several runs on one side (as for training seeds): each user's metric averaged over them, by hand
+    assert main(["compare", "sasrec,gru4rec", "popularity", "--run", str(out), "--samples", "300", "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    row = next(r for r in both["rows"] if r["metric"] == "ndcg@10" and r["protocol"] == "history-excluded")
+    alone = {m: next(r["ndcg@10"] for r in doc["rows"] if r["method"] == m and r["setting"] == "all"
+                     and r["protocol"] == "history-excluded") for m in ("sasrec", "gru4rec", "popularity")}
+    assert row["a"] == pytest.approx((alone["sasrec"] + alone["gru4rec"]) / 2) and row["b"] == pytest.approx(alone["popularity"])
+    assert (row["runs_a"], row["runs_b"]) == (2, 1) and len(both["a"]) == 2
+    assert main(["compare", "sasrec,gru4rec", "popularity", "--run", str(out), "--samples", "300"]) == 0
+    assert "averaged over 2 runs" in capsys.readouterr().out
     assert main(["compare", "nope", "sasrec", "--run", str(out)]) == 2
     assert "no method 'nope'" in capsys.readouterr().err
 

@@ -1,7 +1,8 @@
 """`jepa4rec compare A B`: is A's difference from B real? Paired over the users both rank.
 
 A and B are rank files (`<eval json stem>.ranks/<method>.parquet`) or, with `--run EVAL_JSON`, method
-names of one evaluation. For each protocol and setting: the mean of NDCG@10, Recall@10 and MRR for A and
+names of one evaluation; either may be several, comma-separated (runs of one method with other training
+seeds): each user's metric is then averaged over them before the paired interval. For each protocol and setting: the mean of NDCG@10, Recall@10 and MRR for A and
 B, the difference A - B with its 95% paired bootstrap interval and the paired randomization p-value
 (`eval.stats`). The users are matched by sample key; different users or targets are an error.
 """
@@ -66,8 +67,13 @@ def compare(a: RankFile | list[RankFile], b: RankFile | list[RankFile], settings
     return out
 
 
-def format_comparison(a: RankFile, b: RankFile, rows: list[dict]) -> str:
-    lines = [f"A: {a.method}  ({a.path})", f"B: {b.method}  ({b.path})",
+def format_comparison(a: RankFile | list[RankFile], b: RankFile | list[RankFile], rows: list[dict]) -> str:
+    def side(runs) -> str:
+        runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+        more = f"; each user's metric averaged over {len(runs)} runs" if len(runs) > 1 else ""
+        return f"{runs[0].method}  ({', '.join(str(r.path) for r in runs)}{more})"
+
+    lines = [f"A: {side(a)}", f"B: {side(b)}",
              "A - B with a 95% paired bootstrap interval; p: paired randomization test (two-sided); "
              "* = the interval excludes 0", "",
              f"{'protocol':<18}{'setting':<11}{'metric':<11}{'A':>9}{'B':>9}{'A - B':>10}   {'95% interval':<21}"
