@@ -473,8 +473,8 @@ def test_a_text_model_moves_to_another_catalogue(successor, tmp_path):
                                       dtype=np.float32))
     assert torch.allclose(moved.text, (raw - src.text_mean) @ src.text_map, atol=1e-5)
     assert torch.allclose(moved.item_table(), src.adapter(moved.text), atol=1e-5)
-    ids = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])  # items 0..4 of both catalogues: the same titles
-    src.text = moved.text[:20].clone()
+    ids = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
+    src.text = moved.text[:20].clone()  # the source network over the same (whitened) vectors: the same queries
     assert torch.allclose(moved(ids), src(ids), atol=1e-5)
     # the successor walk of the first 20 titles carries over: far above a random ranking of 30 items (~0.1)
     assert zero["best"]["ndcg@10"] > 0.4, zero["best"]
