@@ -148,3 +148,15 @@ def test_runner_hybrid_moved_starts_from_another_datasets_text_model(tmp_path):
     rows = [json.loads(x) for x in (fits / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["epoch"] == 0 and len(rows) == 4  # the moved start, validated, then the recipe's 3 epochs
     assert "another catalogue: per-item parameters start fresh" in done.stderr
+    # another source: the fit and its evaluation are retired (kept under stale/) and run again from it
+    import shutil
+
+    shutil.copytree(tmp_path / "source", tmp_path / "source2")
+    again = subprocess.run([*cmd, "--moved-from", str(tmp_path / "source2" / "best")], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "hybrid-moved: its settings changed since it ran (init_from:" in again.stderr
+    stale = list((runs / "generic/standard/stale").glob("*/hybrid-moved"))
+    assert len(stale) == 1 and (stale[0].parent / "hybrid-moved.json").is_file()
+    fit = json.loads((runs / "generic/standard/eval/hybrid-moved.json").read_text())["methods"][0]["fit"]
+    assert fit["init_from"] == str(tmp_path / "source2" / "best")

@@ -135,6 +135,52 @@ def timed(timing_path: Path, key: str, fn):
     return out
 
 
+def fit_config(recipe: str, folder: Path, new_items: float, extra: list[str], method: str,
+               moved_from: str | None = None):
+    """(config, run folder) of one item-vector model of this variant (nothing is trained here)."""
+    out = folder / "hybrid" / method
+    overrides = [f"--hybrid.text_from={Path(folder) / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
+                 "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra,
+                 *(HYBRID[method] if method in HYBRID else REFERENCE_FITS[method])]
+    if method == "hybrid-moved":
+        if not moved_from:
+            raise SystemExit("hybrid-moved needs --moved-from: a text-only item-vector export of another dataset "
+                             "(e.g. the transfer runner's <arm>/source-seq/best)")
+        overrides.append(f"--hybrid.init_from={moved_from}")
+    if new_items > 0 and reference_fit(method):
+        overrides.append(f"--hybrid.new_item_reference={folder / 'hybrid' / reference_fit(method) / 'best'}")
+    return variant_config(recipe, folder, new_items, overrides), out
+
+
+def fit_settings(hc) -> dict:
+    """What a trained fit depends on besides its new-item offset rule (`offset_rule`), run folders left out."""
+    from dataclasses import asdict
+
+    skip = ("output_dir", "ray_actors", "refresh_vectors", "new_item_reference", "new_item_tolerance",
+            "new_item_min_users")
+    return {k: v for k, v in asdict(hc).items() if k not in skip}
+
+
+def retire_changed(folder: Path, method: str, cfg) -> None:
+    """A fit of `method` trained with other settings than `cfg`'s (e.g. another `--moved-from`) is moved with its
+    evaluation to `<variant>/stale/<time>/` (logged), so it is trained and evaluated again."""
+    from jepa4rec_dist.config import load_config
+
+    out = folder / "hybrid" / method
+    if not (out / "config.yaml").is_file():
+        return
+    before, now = fit_settings(load_config([str(out / "config.yaml")]).hybrid), fit_settings(cfg.hybrid)
+    if before == now:
+        return
+    changed = ", ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(now) if before.get(k) != now.get(k))
+    stale = folder / "stale" / time.strftime("%Y%m%d-%H%M%S")
+    stale.mkdir(parents=True, exist_ok=True)
+    out.rename(stale / method)
+    for f in (folder / "eval").glob(f"{method}.*"):  # <method>.json and its <method>.ranks/
+        f.rename(stale / f.name)
+    log.warning("%s: its settings changed since it ran (%s): moved to %s, trained again", method, changed, stale)
+
+
 def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], method: str, moved_from: str | None = None):
     """Train (or resume, or re-finish) one item-vector model of this variant; its config and run folder.
 
@@ -146,19 +192,9 @@ def train_fit(recipe: str, folder: Path, new_items: float, extra: list[str], met
     from jepa4rec_dist.config import load_config
     from jepa4rec_dist.hybrid.train import train_hybrid
 
-    out = folder / "hybrid" / method
-    overrides = [f"--hybrid.text_from={Path(folder) / 'pretrain' / 'export'}", f"--hybrid.output_dir={out}",
-                 "--hybrid.test_at_end=false", "--finetune.model=hybrid", *extra,
-                 *(HYBRID[method] if method in HYBRID else REFERENCE_FITS[method])]
-    if method == "hybrid-moved":
-        if not moved_from:
-            raise SystemExit("hybrid-moved needs --moved-from: a text-only item-vector export of another dataset "
-                             "(e.g. the transfer runner's <arm>/source-seq/best)")
-        overrides.append(f"--hybrid.init_from={moved_from}")
     if new_items > 0 and reference_fit(method):
-        reference = train_fit(recipe, folder, new_items, extra, reference_fit(method))[1] / "best"
-        overrides.append(f"--hybrid.new_item_reference={reference}")
-    cfg = variant_config(recipe, folder, new_items, overrides)
+        train_fit(recipe, folder, new_items, extra, reference_fit(method))
+    cfg, out = fit_config(recipe, folder, new_items, extra, method, moved_from)
     done = (out / "result.json").is_file()
     if done and (out / "config.yaml").is_file():
         before, now = offset_rule(load_config([str(out / "config.yaml")]).hybrid), offset_rule(cfg.hybrid)
@@ -228,6 +264,8 @@ def run_variant(recipe: str, folder: Path, new_items: float, methods: list[str],
     ctx = EvalContext.build(cfg)
     for method in methods:
         out = folder / "eval" / f"{method}.json"
+        if method in HYBRID:
+            retire_changed(folder, method, fit_config(recipe, folder, new_items, extra, method, moved_from)[0])
         if out.is_file():
             log.info("%s: done (%s)", method, out)
             continue
