@@ -2,6 +2,8 @@
 # One prepared check on a CUDA machine (the lent H100/H200): versions, the CUDA kernel tests, then the kernel
 # benchmark suite at the paper shapes, each step under its own time limit, everything written to $OUT.
 #   git rev-parse HEAD > GIT_SHA          # here, before the tree travels (the copy there has no .git)
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl liger-kernel inf-cl    # optional peers, carried as .whl/
 #   OUT=runs/gpu-check bash benchmarks/gpu_check.sh     # there; on the device tool $OUT is set for you
 # Files: env.txt, cuda-tests.log (per-test relative errors, durations), cuda-tests.xml, kernels-cuda.jsonl /
 # .md / .png, kernels.log. Estimated: tests ~3 min (Triton compiles included), benchmark <= 4 min (cut off).
@@ -11,6 +13,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the SHA the benchmark rows carry: the copy there may hold no .git, or the .git of another commit
 [ -f GIT_SHA ] && export JEPA4REC_GIT_SHA=$(cat GIT_SHA)
+# the kernel suite's library peers (liger-kernel, inf-cl) where their pure-Python wheels were carried in .whl/
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 {
   cat GIT_SHA 2>/dev/null || echo "no GIT_SHA file"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv

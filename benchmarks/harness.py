@@ -46,7 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 KEY_FIELDS = ("suite", "name", "provider", "shape", "dtype", "device")
 # every row carries these (None where they do not apply); the test checks them
 ROW_KEYS = (*KEY_FIELDS, "shapes", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes", "extra_mem_bytes",
-            "tokens_per_s", "sequences_per_s", "flops", "flops_formula", "peak_flops", "mfu", "ok",
+            "tokens_per_s", "sequences_per_s", "flops", "flops_formula", "peak_flops", "mfu", "tflops_per_s", "x_floor",
+            "ok",
             "device_name", "torch", "triton", "transformers", "deepspeed", "python", "git_sha", "git_dirty",
             "time")
 
@@ -163,7 +164,7 @@ class Context:
                    dtype=str(dtype).replace("torch.", ""), device=self.device.type, shapes=self.shapes,
                    median_ms=None, p20_ms=None, p80_ms=None, peak_mem_bytes=None, extra_mem_bytes=None,
                    tokens_per_s=None, sequences_per_s=None, flops=None, flops_formula=None, peak_flops=None,
-                   mfu=None, ok=None)
+                   mfu=None, tflops_per_s=None, x_floor=None, ok=None)
         if timing is not None:
             row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                        peak_mem_bytes=timing.peak_mem_bytes, extra_mem_bytes=timing.extra_mem_bytes)
@@ -172,8 +173,11 @@ class Context:
             seconds = row["median_ms"] / 1e3
             row.update(tokens_per_s=tokens / seconds if tokens is not None else None,
                        sequences_per_s=sequences / seconds if sequences is not None else None)
+            if extra.get("flops"):
+                row["tflops_per_s"] = extra["flops"] / seconds / 1e12
             if extra.get("flops") and extra.get("peak_flops"):
                 row["mfu"] = extra["flops"] / seconds / extra["peak_flops"]
+                row["x_floor"] = 1.0 / row["mfu"]  # time / the time the useful FLOPs take at peak
         row.update(extra)
         row.update(self.env, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
         return row
@@ -282,6 +286,8 @@ _COLUMNS = {
     "tokens": ("tokens/s", lambda r: _rate(r.get("tokens_per_s")), False),
     "sequences": ("seq/s", lambda r: _rate(r.get("sequences_per_s")), False),
     "mfu": ("MFU", lambda r: "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", False),
+    "tflops": ("TFLOP/s", lambda r: _fmt(r.get("tflops_per_s"), 3), False),
+    "xfloor": ("x floor", lambda r: _fmt(r.get("x_floor"), 1), False),
     "headroom": ("x step", lambda r: _fmt(r.get("headroom"), 1), False),
     "peak": ("peak MiB", lambda r: _mem(r.get("peak_mem_bytes")), True),
     "extra": ("extra MiB", lambda r: _mem(r.get("extra_mem_bytes")), True),
@@ -289,8 +295,8 @@ _COLUMNS = {
     "err": ("max abs err", lambda r: _err(r.get("max_abs_err")), True),
     "note": ("note", _note, True),
 }
-RUN_TABLE = ("name", "provider", "shape", "dtype", "median", "p20", "p80", "tokens", "sequences", "mfu",
-             "headroom", "peak", "extra", "ok", "err", "note")
+RUN_TABLE = ("name", "provider", "shape", "dtype", "median", "p20", "p80", "tokens", "sequences", "tflops", "mfu",
+             "xfloor", "headroom", "peak", "extra", "ok", "err", "note")
 README_TABLE = ("name", "provider", "shape", "device", "dtype", "median", "tokens", "sequences", "mfu",
                 "headroom", "peak", "ok")
 

@@ -61,6 +61,9 @@ def test_rows_follow_one_schema(smoke):
             assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], where
         for key in ("tokens_per_s", "sequences_per_s"):
             assert row[key] is None or (isinstance(row[key], float) and row[key] > 0), where
+        if row["median_ms"] and row["flops"]:  # TFLOP/s from the useful FLOPs and the median call
+            assert row["tflops_per_s"] == pytest.approx(row["flops"] / (row["median_ms"] / 1e3) / 1e12), where
+        assert row["x_floor"] is None, where  # no peak is known for a CPU
     for row in rows["train"]:
         if not row.get("skipped"):
             assert row["tokens_per_s"] > 0 and row["sequences_per_s"] > 0 and row["flops"] > 0
@@ -73,8 +76,9 @@ def test_ours_and_the_references_agree(smoke):
     failed = [k for k, r in checked.items() if r["ok"] is not True]
     assert not failed, failed
     expected = [
-        ("kernels", "attention_core", "triton"), ("kernels", "attention_layer", "hf_longformer"),
-        ("kernels", "infonce", "chunked"),
+        ("kernels", "attention_core", "triton"), ("kernels", "attention_core", "triton_noglobal"),
+        ("kernels", "attention_layer", "hf_longformer"), ("kernels", "infonce", "chunked"),
+        ("kernels", "infonce", "naive_lowp"),
         *[("train", "encoder_fwd_bwd_adamw", p) for p in ("ours-sdpa", "hf_longformer", "hf_roberta_sdpa")],
         *[("train", "pretrain_step", p) for p in ("ours-sdpa", "hf_longformer", "hf_roberta_sdpa",
                                                    "ours-sdpa+zero1", "ours-sdpa+zero2", "ours-sdpa+zero3")],
@@ -138,3 +142,23 @@ def test_the_cli_offers_every_registered_suite():
     from benchmarks import harness, run
 
     assert set(run.SUITE_NAMES) == set(harness.SUITES)
+
+
+def test_kernel_peers(smoke):
+    """SDPA pinned to each backend (those this device cannot run say so; the fastest is named), the InfoNCE
+    peers that need CUDA or a library say why they did not run, and the item table also runs with key gradients."""
+    _, _, rows = smoke
+    kernels = {(r["name"], r["provider"], r["shape"]): r for r in rows["kernels"]}
+    pinned = [r for (name, provider, _), r in kernels.items() if provider.startswith("sdpa_dense[")]
+    assert {r["provider"] for r in pinned} == {f"sdpa_dense[{b}]" for b in ("flash", "cudnn", "efficient", "math")}
+    ran = [r for r in pinned if r["median_ms"]]
+    assert any(r["backend"] == "math" for r in ran)  # the math backend runs anywhere
+    assert all(r["skipped"].startswith("this SDPA backend cannot run") for r in pinned if not r["median_ms"])
+    named = [r for r in ran if "fastest SDPA backend" in (r.get("note") or "")]
+    assert len(named) == 1 and named[0]["median_ms"] == min(r["median_ms"] for r in ran)
+    assert all(r["flops"] > 0 for r in ran)
+    for provider in ("liger", "inf_cl"):
+        assert all("CUDA only" in r["skipped"] for (n, p, _), r in kernels.items() if p == provider)
+    infonce = [r for r in rows["kernels"] if r["name"] == "infonce" and r["provider"] == "chunked"]
+    assert {(r["M"], r["keys_grad"]) for r in infonce} == {(256, True), (2048, True)}
+    assert all(r["ok"] for r in infonce)

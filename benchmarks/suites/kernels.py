@@ -1,13 +1,21 @@
 """Kernel suite: local-global attention (core, and whole layer with the QKV projection) and InfoNCE.
 
 Every timed call is forward + backward. Providers:
-  attention core   triton (ours), reference, sdpa_mask (SDPA with a precomputed bool mask), sdpa_dense
-                   (SDPA, no mask: the speed-of-light peer, a different pattern so no numerics check),
+  attention core   triton (ours), triton_noglobal (ours without the global token: what the global pass
+                   costs), reference, sdpa_mask (SDPA with a precomputed bool mask), sdpa_dense (SDPA, no
+                   mask: the speed-of-light peer, a different pattern so no numerics check), the same pinned to
+                   each SDPA backend (sdpa_dense[flash|cudnn|efficient|math]; the fastest is named on its row),
                    flex (CUDA), flash (CUDA + flash_attn)
   attention layer  our backends behind one QKV projection, sdpa_dense, hf_longformer
                    (transformers' LongformerSelfAttention at the same size, weights copied from ours so
                    its output is checked against our reference layer)
-  infonce          triton (ours), chunked, naive (torch, fp32 logits), compile (torch.compile of naive)
+  infonce          triton (ours), chunked, naive (torch, fp32 matmul), naive_lowp (as users write it: the
+                   matmul in the input dtype, fp32 logits), compile (torch.compile of naive_lowp), liger
+                   (liger-kernel's fused linear cross-entropy over the normalised, temperature-scaled rows,
+                   CUDA, where installed), inf_cl (inf-cl's tiled contrastive loss, CUDA, where installed);
+                   the item-table shape runs twice, keys frozen and keys with gradient
+Useful FLOPs per call (`flops`, fwd + bwd, the pattern's matmuls only) give TFLOP/s on every timed row and,
+where the device's bf16 dense peak is known, MFU and "x floor" (time / the time those FLOPs take at peak).
 Numerics ("ok", "max_abs_err"): against the fp32 reference on the same inputs. For attention, heads are
 independent, so only batch row 0 and the first two heads are checked (out, dq, dk, dv); beyond L = 4096
 even that is too big and a sample of query rows is checked (out and dq only; noted on the row).
@@ -34,11 +42,14 @@ ATTN = {  # (batch, length, one-sided window); one global token (position 0)
     "paper": [(8, 1024, 32), (64, 1024, 32), (8, 2048, 32), (4, 4096, 256), (2, 16384, 256)],
     "long": [(2, 16384, 256), (1, 32768, 256), (1, 65536, 256)],
 }
-INFONCE = {  # (queries, keys, dim); keys need grad when N == M (in-batch), frozen item table otherwise
-    "tiny": [(256, 256, 64), (64, 2048, 64)],
-    "paper": [(32768, 32768, 768), (2048, 262144, 768)],
-    "long": [(65536, 65536, 768), (4096, 1048576, 768)],
+INFONCE = {  # (queries, keys, dim, keys need grad): in-batch (N == M), the item table frozen and trained
+    "tiny": [(256, 256, 64, True), (64, 2048, 64, False), (64, 2048, 64, True)],
+    "paper": [(32768, 32768, 768, True), (2048, 262144, 768, False), (2048, 262144, 768, True)],
+    "long": [(65536, 65536, 768, True), (4096, 1048576, 768, False)],
 }
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # torch.nn.attention.SDPBackend members, lower case
+ATTN_FLOPS = "12*P*D, P = B*H*(L*min(L, 2w+1) + 2*g*L) query-key pairs of the pattern (fwd 2 matmuls, bwd 4)"
+INFONCE_FLOPS = "2*N*M*d*(2 + keys_grad) (logits, dQ, dK)"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}  # relative to max |reference|
 SLICE_CHECK_MAX_L = 4096
 
@@ -52,8 +63,22 @@ def run(ctx: Context) -> Iterator[dict]:
     for batch, length, window in ATTN[ctx.shapes][:cases]:
         yield from _attention_core(ctx, batch, heads, length, head_dim, window, dtype)
         yield from _attention_layer(ctx, batch, heads, length, head_dim, window, dtype)
-    for n_rows, n_keys, dim in INFONCE[ctx.shapes][:cases]:
-        yield from _infonce(ctx, n_rows, n_keys, dim, dtype)
+    # a smoke run also takes the last InfoNCE case: the item table with key gradients
+    for n_rows, n_keys, dim, keys_grad in (INFONCE[ctx.shapes][:1] + INFONCE[ctx.shapes][-1:] if cases
+                                           else INFONCE[ctx.shapes]):
+        yield from _infonce(ctx, n_rows, n_keys, dim, dtype, keys_grad)
+
+
+def _useful(ctx, flops: float, formula: str, dtype) -> dict:
+    """The row fields of a timed kernel: useful FLOPs per call, their formula, and the device's peak."""
+    from benchmarks.suites._models import peak_flops
+
+    return dict(flops=float(flops), flops_formula=formula, peak_flops=peak_flops(ctx.device, dtype))
+
+
+def attention_flops(batch, heads, length, head_dim, window, n_global) -> float:
+    pairs = batch * heads * (length * min(length, 2 * window + 1) + 2 * n_global * length)
+    return 12.0 * pairs * head_dim
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,33 +114,86 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
     dense_mask = None
     if length <= 32768:  # (B, 1, L, L) bool: 4.3 GB at 65536
         dense_mask = dense_attention_mask(length, window, glob, pad)[:, None]
+    no_global = torch.zeros_like(glob)
     providers = {
         "triton": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="triton"),
+        "triton_noglobal": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=None,
+                                                                  backend="triton"),
         "reference": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob,
                                                             backend="reference"),
         "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
         "sdpa_dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        **{f"sdpa_dense[{b}]": _pinned_sdpa(b) for b in SDPA_BACKENDS},
         "flex": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flex"),
         "flash": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flash"),
     }
+    sdpa_rows = []
     for provider, fn in providers.items():
-        skip = _skip_reason(provider, dev)
+        if sdpa_rows and not provider.startswith("sdpa_dense["):  # the pinned SDPA rows end: name the fastest
+            yield from _name_fastest(sdpa_rows)
+            sdpa_rows = []
+        skip = _skip_reason(provider.replace("_noglobal", ""), dev)
+        n_global = 0 if provider == "triton_noglobal" else 1
+        useful = _useful(ctx, attention_flops(batch, heads, length, head_dim, window, n_global), ATTN_FLOPS, dtype)
+        if provider.startswith("sdpa_dense"):  # a different (dense) pattern: its own useful FLOPs
+            useful = _useful(ctx, 12.0 * batch * heads * length * length * head_dim, "12*B*H*L^2*D (dense)", dtype)
+        if provider.startswith("sdpa_dense["):
+            skip = skip or _sdpa_unavailable(fn, inputs[0])
+            row = (ctx.row("attention_core", provider, shape, dtype, None, skipped=skip) if skip else
+                   ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
+                           backend=provider[len("sdpa_dense["):-1], note="dense attention, this SDPA backend only",
+                           **useful))
+            sdpa_rows.append(row)
+            continue
         if provider == "reference" and batch * heads * length * length * 4 * 6 > 16 * 2**30:
             skip = "reference would need > 16 GiB (L^2 fp32 scores, probabilities and grads)"
         if provider == "sdpa_mask" and dense_mask is None:
             skip = "bool mask (B, L, L) too large"
         if skip:
-            yield ctx.row("attention_core", provider, shape, dtype, None, skipped=skip)
+            yield ctx.row("attention_core", provider, dict(shape, globals=n_global), dtype, None, skipped=skip)
             continue
-        check = {} if provider == "sdpa_dense" else _check_attention(fn, inputs[0], window, glob, dtype)
+        check = {} if provider == "sdpa_dense" else _check_attention(
+            fn, inputs[0], window, no_global if provider == "triton_noglobal" else glob, dtype)
         if provider == "sdpa_dense":
             check = dict(note="dense attention: different pattern, speed-of-light peer (not checked)")
-        if provider == "triton" and dev.type != "cuda":
-            yield ctx.row("attention_core", provider, shape, dtype, None,
+        where = dict(shape, globals=n_global)
+        if provider.startswith("triton") and dev.type != "cuda":
+            yield ctx.row("attention_core", provider, where, dtype, None,
                           note="interpreter: numerics only, not timed", **check)
             continue
-        yield ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
-                      **check)
+        yield ctx.row("attention_core", provider, where, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
+                      **useful, **check)
+    yield from _name_fastest(sdpa_rows)
+
+
+def _pinned_sdpa(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[backend])
+
+    def fn(q, k, v):
+        with sdpa_kernel([member]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+def _sdpa_unavailable(fn, tensors) -> str | None:
+    """Why an SDPA backend cannot run these inputs here (None: it can): one forward + backward tried."""
+    q, k, v, dout = tensors
+    try:
+        torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+    except RuntimeError as exc:  # "No available kernel" with the backend's reasons as warnings
+        return f"this SDPA backend cannot run these inputs here: {str(exc).splitlines()[0][:120]}"
+    return None
+
+
+def _name_fastest(rows: list[dict]) -> Iterator[dict]:
+    timed = [r for r in rows if r.get("median_ms")]
+    if timed:
+        best = min(timed, key=lambda r: r["median_ms"])
+        best["note"] = f"fastest SDPA backend here ({len(timed)} ran): {best['backend']}"
+    yield from rows
 
 
 def _measure_or_oom(call, ctx):
@@ -290,29 +368,64 @@ def _attention_layer(ctx, batch, heads, length, head_dim, window, dtype):
 # ---------------------------------------------------------------------------------------------------------
 # InfoNCE
 # ---------------------------------------------------------------------------------------------------------
+TEMPERATURE = 0.05
+
+
 def _naive(q, k, targets):
-    logits = F.normalize(q.float(), dim=-1) @ F.normalize(k.float(), dim=-1).T / 0.05
+    logits = F.normalize(q.float(), dim=-1) @ F.normalize(k.float(), dim=-1).T / TEMPERATURE
     return F.cross_entropy(logits, targets)
 
 
-def _infonce(ctx, n_rows, n_keys, dim, dtype):
+def _naive_lowp(q, k, targets):
+    """As users write it: normalise and multiply in the input dtype (bf16 on GPU), the logits in fp32."""
+    logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T).float() / TEMPERATURE
+    return F.cross_entropy(logits, targets)
+
+
+def _liger(q, k, targets):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss()(F.normalize(k, dim=-1), F.normalize(q, dim=-1) / TEMPERATURE, targets)
+
+
+def _inf_cl(q, k, targets):
+    from inf_cl import cal_inf_loss
+
+    head_dim = next(h for h in (256, 128, 64, 32, 16) if q.shape[-1] % h == 0)
+    return cal_inf_loss(F.normalize(q, dim=-1) / TEMPERATURE, F.normalize(k, dim=-1), targets, head_dim=head_dim)
+
+
+def _peer_unavailable(module: str, device) -> str | None:
+    import importlib.util
+
+    if device.type != "cuda":
+        return f"{module}: CUDA only (Triton kernels)"
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install {module.replace('_', '-')}; the GPU run carries it in .whl/)"
+    return None
+
+
+def _infonce(ctx, n_rows, n_keys, dim, dtype, keys_grad):
     dev = ctx.device
-    keys_grad = n_rows == n_keys
     shape = dict(N=n_rows, M=n_keys, d=dim, keys_grad=keys_grad)
     gen = torch.Generator(device=dev).manual_seed(0)
     copies = []
     for _ in range(COPIES):
         q = torch.randn(n_rows, dim, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
         k = torch.randn(n_keys, dim, device=dev, dtype=dtype, generator=gen).requires_grad_(keys_grad)
-        targets = torch.arange(n_rows, device=dev) if keys_grad else torch.randint(
+        targets = torch.arange(n_rows, device=dev) if n_rows == n_keys else torch.randint(
             0, n_keys, (n_rows,), device=dev, generator=gen)
         copies.append((q, k, targets))
     providers = {
         "triton": lambda q, k, t: infonce_loss(q, k, t, backend="triton"),
         "chunked": lambda q, k, t: infonce_loss(q, k, t, backend="chunked"),
         "naive": _naive,
+        "naive_lowp": _naive_lowp,
         "compile": None,
+        "liger": _liger,
+        "inf_cl": _inf_cl,
     }
+    useful = _useful(ctx, 2.0 * n_rows * n_keys * dim * (2 + keys_grad), INFONCE_FLOPS, dtype)
     expected = None
     try:
         q0 = copies[0][0].detach().float().requires_grad_(True)
@@ -329,7 +442,9 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype):
             if dev.type != "cuda":
                 skip = "CPU: torch.compile's C++ build takes longer than the tiny runs it would time"
             else:
-                fn = torch.compile(_naive)
+                fn = torch.compile(_naive_lowp)
+        if provider in ("liger", "inf_cl"):
+            skip = _peer_unavailable({"liger": "liger_kernel", "inf_cl": "inf_cl"}[provider], dev)
         if skip:
             yield ctx.row("infonce", provider, shape, dtype, None, skipped=skip)
             continue
@@ -349,6 +464,11 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype):
                 torch.cuda.empty_cache()
                 yield ctx.row("infonce", provider, shape, dtype, None, skipped="out of memory")
                 continue
+            except Exception as exc:  # a peer library that fails on this shape or version: a row saying why
+                if provider not in ("liger", "inf_cl"):
+                    raise
+                yield ctx.row("infonce", provider, shape, dtype, None, skipped=f"{type(exc).__name__}: {exc}"[:200])
+                continue
             pairs = list(zip([loss, *grads], expected))
             err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
             # gradients of a mean loss are O(1/N); judge them relative to their own size
@@ -359,7 +479,7 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype):
             yield ctx.row("infonce", provider, shape, dtype, None, note="interpreter: numerics only, not timed",
                           **check)
             continue
-        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **check)
+        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **useful, **check)
 
 
 def _infonce_triton_skip(device):
