@@ -5,8 +5,10 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl liger-kernel inf-cl    # optional peers, carried as .whl/
 #   OUT=runs/gpu-check bash benchmarks/gpu_check.sh     # there; on the device tool $OUT is set for you
-# Files: env.txt, cuda-tests.log (per-test relative errors, durations), cuda-tests.xml, kernels-cuda.jsonl /
-# .md / .png, kernels.log. Estimated: tests ~3 min (Triton compiles included), benchmark <= 4 min (cut off).
+# Files (8, the device tool's limit): env.txt, cuda-tests.log (per-test relative errors, durations), kernels-cuda
+# .jsonl / .md / .png, tune.json / tune.md (the tile sweep: configs that do not spill in the committed sm_90 compile
+# report benchmarks/results/tune-sm90.json, timed), logs.tar.gz (cuda-tests.xml, kernels.log, tune.log).
+# Estimated: tests ~3 min (Triton compiles included), benchmark <= 3.5 min, sweep <= 1.5 min (each cut off).
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -34,3 +36,11 @@ timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/run.py --suite kernels --devi
   --out "$OUT/kernels-cuda.jsonl" > "$OUT/kernels.log" 2>&1
 echo "kernel benchmark: exit $? after $(( $(date +%s) - start )) s"
 tail -25 "$OUT/kernels.log"
+start=$(date +%s)
+mkdir -p "$OUT/tune"
+timeout "${TUNE_TIMEOUT:-90}" python3 benchmarks/tune_kernels.py --device cuda --shapes paper \
+  --max-configs "${TUNE_CONFIGS:-8}" --prune benchmarks/results/tune-sm90.json --out "$OUT/tune" > "$OUT/tune.log" 2>&1
+echo "tile sweep: exit $? after $(( $(date +%s) - start )) s"
+mv "$OUT/tune/tune.json" "$OUT/tune/tune.md" "$OUT/" 2>/dev/null; rmdir "$OUT/tune" 2>/dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" --remove-files $(cd "$OUT" && ls cuda-tests.xml kernels.log tune.log 2>/dev/null)
+ls "$OUT"

@@ -150,15 +150,22 @@ def _dk_kernel(Q, K, LSE, W, W_MAX, DK, ROW_IDS, TGT, KEY_IDS, N, M, d, scale, o
 
 
 # ---------------------------------------------------------------------------------------------------------
+# entries replacing `_config`'s tiles (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DV, num_warps, num_stages): set by the
+# tuning sweep (benchmarks/tune_kernels.py, `kernels.tuning.tiles`), empty otherwise
+TILE_OVERRIDE: dict = {}
+
+
 def _config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Heuristic tiles (not autotuned). BLOCK_K: d chunk of the logit matmul; BLOCK_DV: accumulator width."""
     block_k = min(64, max(16, triton.next_power_of_2(d)))
     block_dv = min(256 if device.type == "cuda" else 64, max(16, triton.next_power_of_2(d)))
     if device.type != "cuda":  # interpreter: small tiles, several blocks in tests
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, BLOCK_DV=block_dv, num_warps=4, num_stages=1,
-                    prec=dot_precision(dtype, device), upcast=needs_upcast(dtype, device))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_DV=block_dv, num_warps=8, num_stages=2,
-                prec=dot_precision(dtype, device), upcast=False)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, BLOCK_DV=block_dv, num_warps=4, num_stages=1,
+                   prec=dot_precision(dtype, device), upcast=needs_upcast(dtype, device))
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_DV=block_dv, num_warps=8, num_stages=2,
+                   prec=dot_precision(dtype, device), upcast=False)
+    return {**cfg, **TILE_OVERRIDE}
 
 
 def _num_splits(n_rows: int, n_keys: int, d: int, cfg: dict, device: torch.device, requested=None) -> int:

@@ -285,6 +285,11 @@ def _col_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------
+# {"row": {...}, "col": {...}} replacing entries of `_config`'s tiles: set by the tuning sweep
+# (benchmarks/tune_kernels.py, `kernels.tuning.tiles`), empty otherwise
+TILE_OVERRIDE: dict = {}
+
+
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes per kernel. Heuristics, not autotuned: chosen so that the bf16/fp16 kernels compile for
     sm_90 without register spills (checked with ptxas: row 64x64 / 64x32 at 4 warps, col 32x64 at 8 warps).
@@ -292,16 +297,17 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":  # interpreter: small tiles so tests exercise several blocks quickly
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return dict(BLOCK_D=block_d, BLOCK_G=16, row=tiles, col=tiles, prec=dot_precision(dtype, device),
-                    upcast=needs_upcast(dtype, device))
-    if dtype == torch.float32:
+        row, col, prec, upcast = tiles, dict(tiles), dot_precision(dtype, device), needs_upcast(dtype, device)
+    elif dtype == torch.float32:  # fp32: tf32x3 ("ieee" spills badly and runs on FMA units)
         row = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
         col = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
+        prec, upcast = dot_precision(dtype, device), False
     else:
         row = dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, num_warps=4, num_stages=2)
         col = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    # fp32: tf32x3 ("ieee" spills badly and runs on FMA units)
-    return dict(BLOCK_D=block_d, BLOCK_G=16, row=row, col=col, prec=dot_precision(dtype, device), upcast=False)
+        prec, upcast = dot_precision(dtype, device), False
+    return dict(BLOCK_D=block_d, BLOCK_G=16, row={**row, **TILE_OVERRIDE.get("row", {})},
+                col={**col, **TILE_OVERRIDE.get("col", {})}, prec=prec, upcast=upcast)
 
 
 def _launch_args(q: torch.Tensor, window: int) -> tuple[dict, dict]:
