@@ -5,41 +5,50 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl liger-kernel inf-cl    # optional peers, carried as .whl/
 #   OUT=runs/gpu-check bash benchmarks/gpu_check.sh     # there; on the device tool $OUT is set for you
+#   DEVICE=cpu SHAPES=tiny PYTHON=.venv/bin/python OUT=/tmp/dry bash benchmarks/gpu_check.sh   # a dry run here:
+#       every step starts and writes its files (tiny shapes, the kernels on Triton's interpreter)
 # Files (8, the device tool's limit): env.txt, cuda-tests.log (per-test relative errors, durations), kernels-cuda
 # .jsonl / .md / .png, tune.json / tune.md (the tile sweep: configs that do not spill in the committed sm_90 compile
 # report benchmarks/results/tune-sm90.json, timed), logs.tar.gz (cuda-tests.xml, kernels.log, tune.log).
 # Estimated: tests ~3 min (Triton compiles included), benchmark <= 3.5 min, sweep <= 1.5 min (each cut off).
 set -u
 OUT=${OUT:-runs/gpu-check}
+DEVICE=${DEVICE:-cuda}
+SHAPES=${SHAPES:-paper}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the SHA the benchmark rows carry: the copy there may hold no .git, or the .git of another commit
 [ -f GIT_SHA ] && export JEPA4REC_GIT_SHA=$(cat GIT_SHA)
 # the kernel suite's library peers (liger-kernel, inf-cl) where their pure-Python wheels were carried in .whl/
 if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 {
   cat GIT_SHA 2>/dev/null || echo "no GIT_SHA file"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  echo "device $DEVICE, shapes $SHAPES"
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda_kernels.py \
+timeout "${TEST_TIMEOUT:-330}" $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda_kernels.py \
   --junitxml="$OUT/cuda-tests.xml" --durations=12 > "$OUT/cuda-tests.log" 2>&1
 echo "cuda tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed|error" "$OUT/cuda-tests.log" | tail -3
 grep -E "^FAILED|^ERROR|Error" "$OUT/cuda-tests.log" | head -20
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/run.py --suite kernels --device cuda --shapes paper \
-  --out "$OUT/kernels-cuda.jsonl" > "$OUT/kernels.log" 2>&1
+if [ "$DEVICE" = cpu ]; then INTERPRET=1; SMOKE=--smoke; else INTERPRET=; SMOKE=; fi
+TRITON_INTERPRET=$INTERPRET timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/run.py --suite kernels --device "$DEVICE" \
+  --shapes "$SHAPES" $SMOKE --out "$OUT/kernels-$DEVICE.jsonl" > "$OUT/kernels.log" 2>&1
 echo "kernel benchmark: exit $? after $(( $(date +%s) - start )) s"
 tail -25 "$OUT/kernels.log"
 start=$(date +%s)
 mkdir -p "$OUT/tune"
-timeout "${TUNE_TIMEOUT:-90}" python3 benchmarks/tune_kernels.py --device cuda --shapes paper \
-  --max-configs "${TUNE_CONFIGS:-8}" --prune benchmarks/results/tune-sm90.json --out "$OUT/tune" > "$OUT/tune.log" 2>&1
+# the committed compile report is for the paper shapes; other shapes compile here (without the interpreter)
+PRUNE=; [ "$SHAPES" = paper ] && PRUNE="--prune benchmarks/results/tune-sm90.json"
+env -u TRITON_INTERPRET timeout "${TUNE_TIMEOUT:-90}" $PY benchmarks/tune_kernels.py --device "$DEVICE" \
+  --shapes "$SHAPES" --max-configs "${TUNE_CONFIGS:-8}" $PRUNE --out "$OUT/tune" > "$OUT/tune.log" 2>&1
 echo "tile sweep: exit $? after $(( $(date +%s) - start )) s"
 mv "$OUT/tune/tune.json" "$OUT/tune/tune.md" "$OUT/" 2>/dev/null; rmdir "$OUT/tune" 2>/dev/null
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" --remove-files $(cd "$OUT" && ls cuda-tests.xml kernels.log tune.log 2>/dev/null)

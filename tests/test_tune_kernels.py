@@ -56,3 +56,27 @@ def test_sweep_compiles_for_sm90_and_prunes_from_a_report(tmp_path):
     refused = subprocess.run([*cmd, "--out", str(tmp_path / "c")], cwd=ROOT, env=dict(env, TRITON_INTERPRET="1"),
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "needs the real compiler" in refused.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu_writes_every_file(tmp_path):
+    """benchmarks/gpu_check.sh with DEVICE=cpu SHAPES=tiny: every step starts and writes its files, eight in all
+    (the device tool's limit), the logs bundled."""
+    import tarfile
+
+    out = tmp_path / "dry"
+    env = dict(os.environ, DEVICE="cpu", SHAPES="tiny", PYTHON=sys.executable, OUT=str(out), TUNE_CONFIGS="2")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["cuda-tests.log", "env.txt", "kernels-cpu.jsonl", "kernels-cpu.md",
+                                                     "kernels-cpu.png", "logs.tar.gz", "tune.json", "tune.md"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["cuda-tests.xml", "kernels.log", "tune.log"]
+    assert "needs a CUDA GPU" in (out / "cuda-tests.log").read_text() or "skipped" in (out / "cuda-tests.log").read_text()
+    rows = [json.loads(x) for x in (out / "kernels-cpu.jsonl").read_text().splitlines()]
+    assert {r["name"] for r in rows} == {"attention_core", "attention_layer", "infonce"}
+    assert [r["part"] for r in json.loads((out / "tune.json").read_text())["rows"]] == ["row"] * 2 + ["col"] * 2 + \
+        ["infonce"] * 2
+    for step in ("cuda tests: exit", "kernel benchmark: exit 0", "tile sweep: exit 0"):
+        assert step in done.stdout, done.stdout[-2000:]
