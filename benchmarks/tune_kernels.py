@@ -5,8 +5,9 @@
 
 For each kernel part (attention `row`: forward + dQ; attention `col`: dK/dV; `infonce`: lse, dQ, dK) and each
 configuration of its grid (`GRIDS`; `--max-configs` keeps the first N, the heuristic default first), every kernel
-variant a launch uses is compiled ahead of time for sm_90 (`kernels.tuning.compile_report`: registers, spill
-bytes, shared memory; the compiler's error where it rejects a tile). On CUDA, configurations that neither spill
+variant a launch uses is compiled ahead of time for sm_90, specialised as a launch at the shape is (16-byte aligned
+pointers, the integer arguments that are multiples of 16; `kernels.tuning.compile_report`: registers, spill bytes,
+shared memory; the compiler's error where it rejects a tile). On CUDA, configurations that neither spill
 nor fail are then timed forward + backward through the public op at the shape (`--shapes paper`: attention
 B=8, L=2048, w=32, H=12, D=64; InfoNCE 2048 x 262144 x 768 with key gradients), with the other part at its
 default. `--prune FILE` reuses an earlier run's compile report (compiled here, on a CPU: the committed
@@ -72,11 +73,20 @@ def module_of(part: str):
     return _infonce_triton if part == "infonce" else _local_global_triton
 
 
-def compile_part(part: str, tiles_: dict, dim: int, dt: str) -> list[dict]:
+def compile_part(part: str, tiles_: dict, shape: tuple, dt: str) -> list[dict]:
+    """The compile report of one configuration, specialised as a launch at `shape` is (the integer arguments
+    that are multiples of 16 there)."""
     from kernels.tuning import attention_variants, compile_report, infonce_variants, tiles
 
     with tiles(module_of(part), **override(part, tiles_)):
-        variants = infonce_variants(dim, dt) if part == "infonce" else attention_variants(dim, dt, part)
+        if part == "infonce":
+            n, m, d = shape  # keys_per_split is a multiple of BLOCK_N (>= 16) by construction
+            divisible = tuple(k for k, v in (("N", n), ("M", m), ("d", d)) if v % 16 == 0) + ("keys_per_split",)
+            variants = infonce_variants(d, dt, divisible=divisible)
+        else:
+            _, heads, length, head_dim, window = shape
+            divisible = tuple(k for k, v in (("L", length), ("window", min(window, length))) if v % 16 == 0)
+            variants = attention_variants(head_dim, dt, part, heads, divisible)
         return compile_report(variants)
 
 
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, tiles_ in enumerate(grid):
             t0 = time.perf_counter()
             prior = known.get((part, args.dtype, tuple(shape), json.dumps(tiles_, sort_keys=True)))
-            kernels = prior["kernels"] if prior else compile_part(part, tiles_, dim, args.dtype)
+            kernels = prior["kernels"] if prior else compile_part(part, tiles_, shape, args.dtype)
             row = dict(part=part, tiles=tiles_, default=i == 0, dtype=args.dtype, shape=list(shape), kernels=kernels)
             errors = [k for k in kernels if "error" in k]
             if not errors:

@@ -30,12 +30,15 @@ def needs_upcast(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def compile_for_gpu(fn, arg_types: dict, constexprs: dict, num_warps: int, num_stages: int,
-                    arch: int = 90) -> dict:
+                    arch: int = 90, divisible: tuple[str, ...] = ()) -> dict:
     """Compile `fn` ahead of time for an NVIDIA GPU of compute capability `arch` (needs no GPU: triton
     ships ptxas) and report registers / spill (stack) bytes. Catches what the CPU interpreter accepts but
     the compiler rejects. Must run without TRITON_INTERPRET (a subprocess in the tests).
 
     arg_types: non-constexpr parameter -> triton type ("*bf16", "*fp32", "i32", "fp32", ...).
+    divisible: integer parameters to compile as multiples of 16, as a launch specialises them when their
+    values are (lengths, dims); pointers are always specialised as 16-byte aligned, as torch allocates them.
+    So the report is of the kernel a launch at such shapes runs, not of a more general one.
     """
     import inspect
     import os
@@ -47,7 +50,10 @@ def compile_for_gpu(fn, arg_types: dict, constexprs: dict, num_warps: int, num_s
 
     params = inspect.signature(fn.fn).parameters
     signature = {p: ("constexpr" if p in constexprs else arg_types[p]) for p in params}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    aligned = [i for i, p in enumerate(params) if p not in constexprs
+               and (arg_types[p].startswith("*") or p in divisible)]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

@@ -35,10 +35,12 @@ def _blocks(tiles_: dict) -> dict:
     return {k: v for k, v in tiles_.items() if k.startswith("BLOCK")}
 
 
-def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12) -> list[tuple]:
-    """[(label, kernel, arg types, constexprs, num_warps, num_stages)] of the local-global attention's `part`
-    ("row": forward and dQ, band and global rows; "col": dK/dV, band and global columns) at the current tiles
-    (`_config` on CUDA, with any `tiles` override)."""
+def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12,
+                       divisible: tuple[str, ...] = ("L", "window")) -> list[tuple]:
+    """[(label, kernel, arg types, constexprs, num_warps, num_stages, divisible)] of the local-global attention's
+    `part` ("row": forward and dQ, band and global rows; "col": dK/dV, band and global columns) at the current
+    tiles (`_config` on CUDA, with any `tiles` override). `divisible`: the integer arguments a launch at the shape
+    of interest specialises as multiples of 16 (`compile_for_gpu`)."""
     from kernels import _local_global_triton as m
 
     cfg = m._config(head_dim, DTYPES[dt], torch.device("cuda"))
@@ -57,18 +59,20 @@ def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12) -> li
             for backward in (False, True):
                 label = f"row{'-global' if glob else ''}{'-bwd' if backward else '-fwd'}"
                 out.append((label, m._row_kernel, types, dict(common, GLOBAL_ROWS=glob, BACKWARD=backward, **blocks),
-                            tile["num_warps"], tile["num_stages"]))
+                            tile["num_warps"], tile["num_stages"], divisible))
         else:
             if glob:
                 blocks["BLOCK_N"] = cfg["BLOCK_G"]
             out.append((f"col{'-global' if glob else ''}", m._col_kernel, types,
-                        dict(common, GLOBAL_COLS=glob, **blocks), tile["num_warps"], tile["num_stages"]))
+                        dict(common, GLOBAL_COLS=glob, **blocks), tile["num_warps"], tile["num_stages"], divisible))
     return out
 
 
-def infonce_variants(dim: int, dt: str, has_ids: bool = True) -> list[tuple]:
-    """[(label, kernel, arg types, constexprs, num_warps, num_stages)] of the fused InfoNCE's three kernels at the
-    current tiles (`_config` on CUDA, with any `tiles` override); `has_ids`: the duplicate-masking variant."""
+def infonce_variants(dim: int, dt: str, has_ids: bool = True,
+                     divisible: tuple[str, ...] = ("N", "M", "d", "keys_per_split")) -> list[tuple]:
+    """[(label, kernel, arg types, constexprs, num_warps, num_stages, divisible)] of the fused InfoNCE's three
+    kernels at the current tiles (`_config` on CUDA, with any `tiles` override); `has_ids`: the
+    duplicate-masking variant; `divisible` as for `attention_variants`."""
     from kernels import _infonce_triton as m
 
     cfg = m._config(dim, DTYPES[dt], torch.device("cuda"))
@@ -77,20 +81,22 @@ def infonce_variants(dim: int, dt: str, has_ids: bool = True) -> list[tuple]:
                  TGT="*i32", KEY_IDS="*i32", Q="*" + dt, K="*" + dt, DK="*" + dt)
     c = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PREC=cfg["prec"], UPCAST=False,
              HAS_IDS=has_ids)
-    return [("lse", m._lse_kernel, types, c, cfg["num_warps"], cfg["num_stages"]),
-            ("dq", m._dq_kernel, types, dict(c, BLOCK_DV=cfg["BLOCK_DV"]), cfg["num_warps"], cfg["num_stages"]),
-            ("dk", m._dk_kernel, types, dict(c, BLOCK_DV=cfg["BLOCK_DV"]), cfg["num_warps"], cfg["num_stages"])]
+    launch = (cfg["num_warps"], cfg["num_stages"], divisible)
+    return [("lse", m._lse_kernel, types, c, *launch),
+            ("dq", m._dq_kernel, types, dict(c, BLOCK_DV=cfg["BLOCK_DV"]), *launch),
+            ("dk", m._dk_kernel, types, dict(c, BLOCK_DV=cfg["BLOCK_DV"]), *launch)]
 
 
 def compile_report(variants: list[tuple], arch: int = 90) -> list[dict]:
     """Registers, spill bytes and shared memory of each variant, compiled ahead of time for `arch` (no GPU
-    needed; run without TRITON_INTERPRET). A variant the compiler rejects gets its error instead."""
+    needed; run without TRITON_INTERPRET), specialised as a launch would be (aligned pointers, the `divisible`
+    integers). A variant the compiler rejects gets its error instead."""
     from kernels._triton_common import compile_for_gpu
 
     out = []
-    for label, fn, types, constexprs, warps, stages in variants:
+    for label, fn, types, constexprs, warps, stages, divisible in variants:
         try:
-            out.append(dict(kernel=label, **compile_for_gpu(fn, types, constexprs, warps, stages, arch)))
+            out.append(dict(kernel=label, **compile_for_gpu(fn, types, constexprs, warps, stages, arch, divisible)))
         except Exception as exc:  # e.g. out of shared memory or registers at this tile
             out.append(dict(kernel=label, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
     return out
