@@ -123,28 +123,15 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
                                                             backend="reference"),
         "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
         "sdpa_dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        **{f"sdpa_dense[{b}]": _pinned_sdpa(b) for b in SDPA_BACKENDS},
         "flex": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flex"),
         "flash": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flash"),
     }
-    sdpa_rows = []
+    dense = _useful(ctx, 12.0 * batch * heads * length * length * head_dim, "12*B*H*L^2*D (dense)", dtype)
     for provider, fn in providers.items():
-        if sdpa_rows and not provider.startswith("sdpa_dense["):  # the pinned SDPA rows end: name the fastest
-            yield from _name_fastest(sdpa_rows)
-            sdpa_rows = []
         skip = _skip_reason(provider.replace("_noglobal", ""), dev)
         n_global = 0 if provider == "triton_noglobal" else 1
-        useful = _useful(ctx, attention_flops(batch, heads, length, head_dim, window, n_global), ATTN_FLOPS, dtype)
-        if provider.startswith("sdpa_dense"):  # a different (dense) pattern: its own useful FLOPs
-            useful = _useful(ctx, 12.0 * batch * heads * length * length * head_dim, "12*B*H*L^2*D (dense)", dtype)
-        if provider.startswith("sdpa_dense["):
-            skip = skip or _sdpa_unavailable(fn, inputs[0])
-            row = (ctx.row("attention_core", provider, shape, dtype, None, skipped=skip) if skip else
-                   ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
-                           backend=provider[len("sdpa_dense["):-1], note="dense attention, this SDPA backend only",
-                           **useful))
-            sdpa_rows.append(row)
-            continue
+        useful = dense if provider == "sdpa_dense" else _useful(  # dense attention: its own useful FLOPs
+            ctx, attention_flops(batch, heads, length, head_dim, window, n_global), ATTN_FLOPS, dtype)
         if provider == "reference" and batch * heads * length * length * 4 * 6 > 16 * 2**30:
             skip = "reference would need > 16 GiB (L^2 fp32 scores, probabilities and grads)"
         if provider == "sdpa_mask" and dense_mask is None:
@@ -163,7 +150,24 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
             continue
         yield ctx.row("attention_core", provider, where, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
                       **useful, **check)
-    yield from _name_fastest(sdpa_rows)
+    yield from _pinned_sdpa_rows(ctx, shape, dtype, inputs, dense)
+
+
+def _pinned_sdpa_rows(ctx, shape, dtype, inputs, useful) -> Iterator[dict]:
+    """Dense SDPA pinned to each backend (`SDPA_BACKENDS`): a row each, skipped with the reason where the backend
+    cannot run these inputs here, the fastest named on its row."""
+    rows = []
+    for backend in SDPA_BACKENDS:
+        fn, provider = _pinned_sdpa(backend), f"sdpa_dense[{backend}]"
+        skip = _sdpa_unavailable(fn, inputs[0])
+        rows.append(ctx.row("attention_core", provider, shape, dtype, None, skipped=skip) if skip else
+                    ctx.row("attention_core", provider, shape, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
+                            backend=backend, note="dense attention, this SDPA backend only", **useful))
+    timed = [r for r in rows if r.get("median_ms")]
+    if timed:
+        best = min(timed, key=lambda r: r["median_ms"])
+        best["note"] = f"fastest SDPA backend here ({len(timed)} ran): {best['backend']}"
+    yield from rows
 
 
 def _pinned_sdpa(backend: str):
@@ -186,14 +190,6 @@ def _sdpa_unavailable(fn, tensors) -> str | None:
     except RuntimeError as exc:  # "No available kernel" with the backend's reasons as warnings
         return f"this SDPA backend cannot run these inputs here: {str(exc).splitlines()[0][:120]}"
     return None
-
-
-def _name_fastest(rows: list[dict]) -> Iterator[dict]:
-    timed = [r for r in rows if r.get("median_ms")]
-    if timed:
-        best = min(timed, key=lambda r: r["median_ms"])
-        best["note"] = f"fastest SDPA backend here ({len(timed)} ran): {best['backend']}"
-    yield from rows
 
 
 def _measure_or_oom(call, ctx):

@@ -16,7 +16,7 @@ import numpy as np
 
 from jepa4rec_dist.eval.harness import PROTOCOLS
 from jepa4rec_dist.eval.ranks import RankFile, align, read_ranks, slug
-from jepa4rec_dist.eval.stats import METRICS, paired_difference, paired_values, per_user
+from jepa4rec_dist.eval.stats import METRICS, paired_values, per_user
 
 
 def resolve(spec: str, run: str | Path | None = None) -> RankFile:
@@ -55,13 +55,10 @@ def compare(a: RankFile | list[RankFile], b: RankFile | list[RankFile], settings
             if not mask.any():
                 out.append({"protocol": protocol, "setting": setting, "users": 0})
                 continue
-            for metric in metrics:
-                if len(ranks) == 2:
-                    d = paired_difference(ranks[0][mask], ranks[1][mask], metric, samples, seed)
-                else:
-                    va = np.mean([per_user(r[mask], metric) for r in ranks[:len(runs_a)]], axis=0)
-                    vb = np.mean([per_user(r[mask], metric) for r in ranks[len(runs_a):]], axis=0)
-                    d = paired_values(va, vb, metric, samples, seed)
+            for metric in metrics:  # one run a side: its own values (the mean of one)
+                va = np.mean([per_user(r[mask], metric) for r in ranks[:len(runs_a)]], axis=0)
+                vb = np.mean([per_user(r[mask], metric) for r in ranks[len(runs_a):]], axis=0)
+                d = paired_values(va, vb, metric, samples, seed)
                 out.append({"protocol": protocol, "setting": setting, **d.to_dict(),
                             **({"runs_a": len(runs_a), "runs_b": len(runs_b)} if len(ranks) > 2 else {})})
     return out
