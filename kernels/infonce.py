@@ -20,8 +20,15 @@ Backends (an explicit request that cannot run raises; it never falls back):
   chunked    plain torch over query chunks of C rows: the forward keeps only lse (C x M at a time), the
              backward recomputes each chunk's logits (checkpoint style). cuBLAS matmuls, memory C x M.
   triton     kernels/_infonce_triton.py: online log-sum-exp over key tiles, gradients by tile recompute;
-             memory O((N + M) d). On CPU only under TRITON_INTERPRET=1 (tests).
-  auto       triton on CUDA, reference on CPU.
+             memory O((N + M) d), about 9 GEMM units a forward + backward at d = 768. On CPU only under
+             TRITON_INTERPRET=1 (tests).
+  gemm       kernels/_infonce_gemm.py: chunked GEMMs (cuBLAS, fp32 outputs) around one fused log-sum-exp +
+             gradient Triton kernel; 3 GEMM units for mean / sum (gradients taken in the forward), memory
+             C x M per chunk (768 MiB by default) + an fp32 M x d dK accumulator; keys normalised through
+             norm vectors (no normalised copy of the item table). Runs anywhere: off CUDA and the
+             interpreter its fused step is the plain-PyTorch twin.
+  auto       triton on CUDA, reference on CPU. (`gemm` is the candidate to replace triton on CUDA once a GPU
+             run has timed both: benchmarks/suites/kernels.py has both rows.)
 
 Design choice for `triton`: backward recomputes the logits tile by tile from the saved lse rather than
 computing gradients inside the forward (Liger style). Both need the same passes here (lse first, then dQ
@@ -168,6 +175,14 @@ def _triton(q, k, targets, inv_temp, key_ids=None, splits=None):
     return InfoNCEFn.apply(q, k, targets, inv_temp, splits, key_ids)
 
 
+def _gemm(q, k, targets, inv_temp, key_ids=None):
+    """Per-row losses through the gemm backend (keys already normalised by the caller here; infonce_loss calls
+    kernels._infonce_gemm.gemm_infonce directly, with raw keys and the reduction)."""
+    from kernels._infonce_gemm import gemm_infonce
+
+    return gemm_infonce(q, k, targets, inv_temp, key_ids, False, "none")
+
+
 def _triton_unavailable(device):
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
@@ -179,6 +194,7 @@ BACKENDS = {
     "reference": (_reference, lambda device: None),
     "chunked": (_chunked, lambda device: None),
     "triton": (_triton, _triton_unavailable),
+    "gemm": (_gemm, lambda device: None),
 }
 
 
@@ -203,6 +219,11 @@ def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=Tru
         raise RuntimeError(f"infonce backend {backend!r} cannot run here: {reason}")
     if targets is None:
         targets = torch.arange(queries.shape[0], device=queries.device)
+    if backend == "gemm":  # keys normalised inside, through norm vectors; reduction fused
+        from kernels._infonce_gemm import gemm_infonce
+
+        q = _normalize(queries) if normalize else queries
+        return gemm_infonce(q, keys, targets, 1.0 / float(temperature), key_ids, normalize, reduction)
     q, k = (_normalize(queries), _normalize(keys)) if normalize else (queries, keys)
     losses = fn(q, k, targets, 1.0 / float(temperature), key_ids)
     if reduction == "mean":

@@ -87,6 +87,19 @@ def infonce_variants(dim: int, dt: str, has_ids: bool = True,
             ("dk", m._dk_kernel, types, dict(c, BLOCK_DV=cfg["BLOCK_DV"]), *launch)]
 
 
+def gemm_variants(dt: str, has_ids: bool = True, block: int = 2048, num_warps: int = 8,
+                  divisible: tuple[str, ...] = ("M", "stride_s", "stride_g")) -> list[tuple]:
+    """The `gemm` InfoNCE backend's one Triton kernel (the fused log-sum-exp + gradient step between its cuBLAS
+    GEMMs), in the forms a launch compiles: with G' written (training) and without (evaluation)."""
+    from kernels import _infonce_gemm as m
+
+    types = dict(S="*fp32", SCALE="*fp32", TGT="*i32", ROW_IDS="*i32", KEY_IDS="*i32", W="*fp32", LSE="*fp32",
+                 LOSS="*fp32", G="*" + dt, M="i32", stride_s="i32", stride_g="i32")
+    c = dict(BLOCK=block, HAS_IDS=has_ids, HAS_W=False)
+    return [(f"gemm-fused{'-grad' if write else ''}", m.lse_grad_kernel, types, dict(c, WRITE_GRAD=write),
+             num_warps, 1, divisible) for write in (True, False)]
+
+
 def compile_report(variants: list[tuple], arch: int = 90) -> list[dict]:
     """Registers, spill bytes and shared memory of each variant, compiled ahead of time for `arch` (no GPU
     needed; run without TRITON_INTERPRET), specialised as a launch would be (aligned pointers, the `divisible`
@@ -102,4 +115,4 @@ def compile_report(variants: list[tuple], arch: int = 90) -> list[dict]:
     return out
 
 
-__all__ = ["DTYPES", "tiles", "attention_variants", "infonce_variants", "compile_report"]
+__all__ = ["DTYPES", "tiles", "attention_variants", "infonce_variants", "gemm_variants", "compile_report"]

@@ -1,4 +1,4 @@
-"""Tests of kernels/infonce.py: the triton and chunked backends against the fp32 reference, the loss and
+"""Tests of kernels/infonce.py: the triton, chunked and gemm backends against the fp32 reference, the loss and
 the gradients to queries and keys, for diagonal and explicit targets. Triton runs on the CPU interpreter."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import _infonce_gemm as gemm_module
 from kernels import infonce as infonce_module
 from kernels import infonce_loss
 from kernels.infonce import _triton, available_backends
@@ -65,17 +66,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "gemm"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_matches_reference(name, backend):
     n_rows, n_keys, dim, explicit, kw = CASES[name]
     _compare(backend, n_rows, n_keys, dim, explicit, **kw)
 
 
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_reference(dtype):
-    _compare("triton", 9, 33, 64, True, dtype=dtype, seed=1)
-    _compare("triton", 9, 33, 32, False, dtype=dtype, seed=2, reduction="sum")
+def test_half_precision_matches_reference(dtype, backend):
+    _compare(backend, 9, 33, 64, True, dtype=dtype, seed=1)
+    _compare(backend, 9, 33, 32, False, dtype=dtype, seed=2, reduction="sum")
 
 
 @pytest.mark.parametrize("splits", [2, 3])
@@ -91,12 +93,80 @@ def test_chunked_with_several_chunks(monkeypatch):
     _compare("chunked", 11, 29, 16, True, seed=4, reduction="none")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gemm_with_several_chunks(monkeypatch, reduction):
+    # 4 query rows a chunk: dK accumulates over chunks, dQ rows are written chunk by chunk
+    monkeypatch.setattr(gemm_module, "_CHUNK_ELEMENTS", 4 * 29)
+    _compare("gemm", 11, 29, 16, True, seed=4, reduction=reduction)
+    _compare("gemm", 11, 29, 16, True, seed=5, reduction=reduction, grad_keys=False)
+
+
+def test_gemm_torch_twin_path_matches_reference(monkeypatch):
+    # off CUDA and the interpreter the fused step is the plain-PyTorch twin: the backend must agree there too
+    monkeypatch.setattr(gemm_module, "_triton_ready", lambda device: False)
+    calls = []
+    twin = gemm_module.lse_grad_torch
+    monkeypatch.setattr(gemm_module, "lse_grad_torch", lambda *a, **kw: calls.append(1) or twin(*a, **kw))
+    _compare("gemm", 13, 31, 24, True, seed=6, reduction="none")
+    _compare("gemm", 13, 31, 24, False, seed=7, dtype=torch.bfloat16)
+    assert calls
+
+
+@pytest.mark.parametrize("ids, weights", [(False, False), (True, True), (True, False)])
+def test_gemm_fused_kernel_matches_its_torch_twin(ids, weights):
+    gen = torch.Generator().manual_seed(8)
+    rows, m = 6, 150  # 150 columns: several 64-wide blocks and a ragged last one
+    s = torch.randn(rows, m, generator=gen) * 3
+    scale = torch.rand(m, generator=gen) * 20 + 1
+    targets = torch.randint(0, m, (rows,), generator=gen)
+    key_ids = torch.randint(0, 5, (m,), generator=gen) if ids else None
+    row_ids = key_ids[targets] if ids else None
+    w_rel = torch.rand(rows, generator=gen) if weights else None
+    for grad_dtype in (None, torch.float32, torch.bfloat16):
+        want = gemm_module.lse_grad_torch(s, scale, targets, row_ids, key_ids, w_rel, grad_dtype)
+        got = gemm_module.lse_grad_triton(s, scale, targets, row_ids, key_ids, w_rel, grad_dtype)
+        for a, e in zip(got, want):
+            if e is None:
+                assert a is None
+            else:
+                assert a.dtype == e.dtype
+                torch.testing.assert_close(a.float(), e.float(), atol=1e-5 if grad_dtype != torch.bfloat16 else 1e-2,
+                                           rtol=1e-5 if grad_dtype != torch.bfloat16 else 1e-2)
+
+
+def test_gemm_counts_three_gemm_units_for_a_mean(monkeypatch):
+    """The design's cost claim, counted: mean / sum take the gradients in the forward (logits, dQ, dK: 3 GEMMs a
+    chunk); reduction="none" recomputes the logits in the backward (4); frozen keys skip dK (2); no_grad: 1."""
+    monkeypatch.setattr(gemm_module, "_CHUNK_ELEMENTS", 8 * 40)  # 8 rows a chunk, 3 chunks for 20 rows
+    counts = {"mm": 0, "addmm": 0}
+    mm, addmm = gemm_module.mm32, gemm_module.addmm32_
+    monkeypatch.setattr(gemm_module, "mm32", lambda *a: counts.__setitem__("mm", counts["mm"] + 1) or mm(*a))
+    monkeypatch.setattr(gemm_module, "addmm32_", lambda *a: counts.__setitem__("addmm", counts["addmm"] + 1) or addmm(*a))
+    gen = torch.Generator().manual_seed(9)
+    targets = torch.randint(0, 40, (20,), generator=gen)
+
+    def gemms(reduction="mean", grad_keys=True, grad=True):
+        counts.update(mm=0, addmm=0)
+        q = torch.randn(20, 16, generator=gen).requires_grad_(True)
+        k = torch.randn(40, 16, generator=gen).requires_grad_(grad_keys)
+        with torch.set_grad_enabled(grad):
+            loss = infonce_loss(q, k, targets, backend="gemm", reduction=reduction)
+        if grad:
+            loss.sum().backward()
+        return counts["mm"] + counts["addmm"]
+
+    assert gemms("mean") == 3 * 3 and gemms("sum") == 3 * 3
+    assert gemms("none") == 4 * 3
+    assert gemms("mean", grad_keys=False) == 2 * 3
+    assert gemms("mean", grad=False) == 1 * 3
+
+
 def test_hand_computed_value():
     # q = (1, 0), keys (1, 0) and (0, 1), tau = 1: logits (1, 0), loss = log(e + 1) - 1
     q = torch.tensor([[3.0, 0.0]])  # normalised to (1, 0)
     k = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
     expected = math.log(math.e + 1.0) - 1.0
-    for backend in ("reference", "chunked", "triton"):
+    for backend in ("reference", "chunked", "triton", "gemm"):
         loss = infonce_loss(q, k, temperature=1.0, backend=backend)
         assert abs(loss.item() - expected) < 1e-6, backend
     # d loss / d logit_0 = softmax_0 - 1 = -1 / (e + 1); without normalisation dq = that * k_0 + softmax_1 * k_1
@@ -116,14 +186,14 @@ def test_duplicate_positives_hand_computed():
     # row 0: logits (1, 0, 2); key 2 dropped: log(e^1 + e^0) - 1. Row 1: logits (0, 1, 0): log(1 + e + 1) - 1
     expected = torch.tensor([math.log(math.e + 1.0) - 1.0, math.log(math.e + 2.0) - 1.0])
     plain_row0 = math.log(math.e + 1.0 + math.e ** 2) - 1.0
-    for backend in ("reference", "chunked", "triton"):
+    for backend in ("reference", "chunked", "triton", "gemm"):
         losses = infonce_loss(q, k, temperature=1.0, normalize=False, backend=backend, reduction="none", key_ids=ids)
         torch.testing.assert_close(losses, expected, msg=backend)
         unmasked = infonce_loss(q, k, temperature=1.0, normalize=False, backend=backend, reduction="none")
         assert abs(unmasked[0].item() - plain_row0) < 1e-6, backend
     # gradient of row 0's loss w.r.t. q_0: softmax over the kept keys (0, 1) times their keys, minus k_0;
     # the dropped key 2 gets no gradient from row 0 at all
-    for backend in ("reference", "chunked", "triton"):
+    for backend in ("reference", "chunked", "triton", "gemm"):
         qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
         infonce_loss(qq, kk, temperature=1.0, normalize=False, backend=backend, reduction="none",
                      key_ids=ids)[0].backward()
@@ -132,7 +202,7 @@ def test_duplicate_positives_hand_computed():
         torch.testing.assert_close(kk.grad[2], torch.zeros(2), msg=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("backend", ["triton", "chunked", "gemm"])
 @pytest.mark.parametrize("explicit", [False, True])
 def test_duplicate_positives_match_reference(backend, explicit, monkeypatch):
     # ids drawn from a small range so that every key tile holds duplicates; several chunks / key splits
@@ -140,6 +210,8 @@ def test_duplicate_positives_match_reference(backend, explicit, monkeypatch):
     ids = torch.randint(0, 6, (41,), generator=gen)
     if backend == "chunked":
         monkeypatch.setattr(infonce_module, "_CHUNK_ELEMENTS", 5 * 41)
+    elif backend == "gemm":
+        monkeypatch.setattr(gemm_module, "_CHUNK_ELEMENTS", 5 * 41)
     else:
         monkeypatch.setitem(infonce_module.BACKENDS, "triton",
                             (lambda *a: _triton(*a, splits=2), infonce_module.BACKENDS["triton"][1]))
@@ -179,7 +251,7 @@ def test_bad_inputs_raise_value_error(kwargs, match):
 
 
 def test_backend_availability(monkeypatch):
-    assert {"reference", "chunked", "triton"} <= set(available_backends("cpu"))
+    assert {"reference", "chunked", "triton", "gemm"} <= set(available_backends("cpu"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "triton" not in available_backends("cpu")
     with pytest.raises(RuntimeError, match="triton"):
@@ -187,10 +259,10 @@ def test_backend_availability(monkeypatch):
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    from kernels.tuning import compile_report, infonce_variants
+    from kernels.tuning import compile_report, gemm_variants, infonce_variants
     # what a launch at these shapes compiles: aligned pointers, N / M / d multiples of 16 specialised
     for dt, dim in [("bf16", 768), ("fp32", 64)]:
-        for r in compile_report(infonce_variants(dim, dt)):
+        for r in compile_report(infonce_variants(dim, dt)) + compile_report(gemm_variants(dt)):
             print(r["kernel"], dt, dim, r.get("registers"), r.get("spill_bytes"), r.get("error", "").replace(" ", "_"))
 """)
 
@@ -204,8 +276,9 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [line.split() for line in done.stdout.splitlines()]
-    assert len(rows) == 6 and all(len(row) == 5 for row in rows), rows  # no compile error (a 6th field)
+    assert len(rows) == 10 and all(len(row) == 5 for row in rows), rows  # no compile error (a 6th field)
     assert all(row[-1] == "0" for row in rows if row[1] == "bf16"), rows
+    assert all(row[-1] == "0" for row in rows if row[0].startswith("gemm")), rows  # the fused step never spills
 
 
 def test_fp16_gradients_do_not_underflow_with_small_row_weights():
@@ -219,9 +292,11 @@ def test_fp16_gradients_do_not_underflow_with_small_row_weights():
     targets = torch.randint(0, 4096, (32,), generator=gen)
     weight = torch.full((32,), 1.0 / 32768)
     grads = {}
-    for backend, dtype in (("reference", torch.float32), ("triton", torch.float16)):
-        qq, kk = q.to(dtype).requires_grad_(True), k.to(dtype).requires_grad_(True)
+    for backend, dtype in (("reference", torch.float32), ("triton", torch.float16), ("gemm", torch.float16)):
+        # copies: q.to(float16) would be q itself, and its .grad would add up over the backends
+        qq, kk = q.to(dtype, copy=True).requires_grad_(True), k.to(dtype, copy=True).requires_grad_(True)
         infonce_loss(qq, kk, targets, temperature=1.0, backend=backend, reduction="none").backward(weight)
         grads[backend] = qq.grad.float()
-    rel = ((grads["triton"] - grads["reference"]).norm() / grads["reference"].norm()).item()
-    assert rel < 1e-2, rel
+    for backend in ("triton", "gemm"):
+        rel = ((grads[backend] - grads["reference"]).norm() / grads["reference"].norm()).item()
+        assert rel < 1e-2, (backend, rel)

@@ -9,7 +9,8 @@ Every timed call is forward + backward. Providers:
   attention layer  our backends behind one QKV projection, sdpa_dense, hf_longformer
                    (transformers' LongformerSelfAttention at the same size, weights copied from ours so
                    its output is checked against our reference layer)
-  infonce          triton (ours), chunked, naive (torch, fp32 matmul), naive_lowp (as users write it: the
+  infonce          triton (ours), gemm (ours: chunked cuBLAS GEMMs around a fused log-sum-exp + gradient Triton
+                   kernel; on CPU its fused step is the torch twin), chunked, naive (torch, fp32 matmul), naive_lowp (as users write it: the
                    matmul in the input dtype, fp32 logits), compile (torch.compile of naive_lowp), liger
                    (liger-kernel's fused linear cross-entropy over the normalised, temperature-scaled rows,
                    CUDA, where installed), inf_cl (inf-cl's tiled contrastive loss, CUDA, where installed);
@@ -414,6 +415,7 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype, keys_grad):
         copies.append((q, k, targets))
     providers = {
         "triton": lambda q, k, t: infonce_loss(q, k, t, backend="triton"),
+        "gemm": lambda q, k, t: infonce_loss(q, k, t, backend="gemm"),
         "chunked": lambda q, k, t: infonce_loss(q, k, t, backend="chunked"),
         "naive": _naive,
         "naive_lowp": _naive_lowp,
@@ -471,11 +473,17 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype, keys_grad):
             rel = max((a.float() - b.float()).abs().max().item() / max(b.abs().max().item(), 1e-30)
                       for a, b in pairs)
             check = dict(ok=bool(rel <= TOL[dtype]), max_abs_err=err, max_rel_err=rel)
-        if provider == "triton" and dev.type != "cuda":
+        if dev.type != "cuda" and (provider == "triton" or provider == "gemm" and _interpreted()):
             yield ctx.row("infonce", provider, shape, dtype, None, note="interpreter: numerics only, not timed",
                           **check)
             continue
         yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **useful, **check)
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _infonce_triton_skip(device):
