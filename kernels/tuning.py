@@ -44,11 +44,13 @@ def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12,
     from kernels import _local_global_triton as m
 
     cfg = m._config(head_dim, DTYPES[dt], torch.device("cuda"))
-    types = {p: "*" + dt for p in ("Q", "K", "V", "OUT", "DO", "DK", "DV")}
+    types = {p: "*" + dt for p in ("Q", "K", "V", "O", "OUT", "DO", "DK", "DV")}
     types.update(LSE="*fp32", DELTA="*fp32", KPAD="*i8", GMASK="*i8", GIDX="*i32", GCNT="*i32", L="i32",
-                 window="i32", qk_scale="fp32", out_scale="fp32", sm_scale="fp32")
+                 window="i32", per_split="i32", SPLITS="i32", qk_scale="fp32", out_scale="fp32", sm_scale="fp32",
+                 PART_M="*fp32", PART_L="*fp32", PART_ACC="*fp32", PART_DK="*fp32", PART_DV="*fp32")
     common = dict(H=heads, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"], PREC=cfg["prec"],
                   UPCAST=False)
+    merge = dict(H=heads, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_G=cfg["BLOCK_G"])
     tile = cfg[part]
     out = []
     for glob in (False, True):
@@ -65,6 +67,12 @@ def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12,
                 blocks["BLOCK_N"] = cfg["BLOCK_G"]
             out.append((f"col{'-global' if glob else ''}", m._col_kernel, types,
                         dict(common, GLOBAL_COLS=glob, **blocks), tile["num_warps"], tile["num_stages"], divisible))
+    # the merges of the global passes' split partials (one small program per batch x head)
+    if part == "row":
+        out += [(f"merge-rows{'-bwd' if backward else '-fwd'}", m._merge_rows, types, dict(merge, BACKWARD=backward),
+                 m.merge_warps(cfg["BLOCK_D"]), 1, divisible) for backward in (False, True)]
+    else:
+        out.append(("merge-cols", m._merge_cols, types, merge, m.merge_warps(cfg["BLOCK_D"]), 1, divisible))
     return out
 
 

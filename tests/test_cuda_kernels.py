@@ -111,6 +111,12 @@ def test_attention_long_sequence_key_gradients():
     check_attention(1, 2, 16384, 64, 256, 1, torch.bfloat16, seed=7)
 
 
+def test_attention_more_global_tokens_than_a_chunk():
+    """40 global tokens over 3,000 positions: the first 16 (one chunk) are split across programs and merged, the
+    rest run in the later chunks' serial programs; both global passes (rows, and keys in the backward)."""
+    check_attention(2, 3, 3000, 64, 32, 40, torch.bfloat16, seed=9)
+
+
 def test_attention_batch_times_heads_beyond_the_grid_limit():
     """5,500 item sentences x 12 heads = 66,000 programs per block row: more than CUDA's grid axis 1 allows."""
     check_attention(5500, 12, 16, 32, 8, 1, torch.bfloat16, seed=8)
@@ -131,9 +137,12 @@ def infonce_fp64(q, k, targets, tau, key_ids=None):
     return torch.logsumexp(logits, -1) - target_logit
 
 
-def check_infonce(n_rows, n_keys, dim, dtype, seed=0, keys_grad=True, tau=0.05, key_ids=False, limit=None):
+def check_infonce(n_rows, n_keys, dim, dtype, seed=0, keys_grad=True, tau=0.05, key_ids=False, limit=None,
+                  backend="triton", reduction="none"):
     """fp16 runs with a loss scale of 2^16, as fp16 training does (torch.amp.GradScaler's first scale): the
-    unscaled gradients of a mean over thousands of rows (~1e-8 a key) are below what fp16 can hold at all."""
+    unscaled gradients of a mean over thousands of rows (~1e-8 a key) are below what fp16 can hold at all.
+    reduction "none": per-row losses, then their mean (the gemm backend's recompute path); "mean": the fused
+    reduction (the gemm backend takes its gradients in the forward)."""
     from kernels import infonce_loss
 
     scale = 2.0**16 if dtype == torch.float16 else 1.0
@@ -147,35 +156,49 @@ def check_infonce(n_rows, n_keys, dim, dtype, seed=0, keys_grad=True, tau=0.05, 
     (ref.mean() * scale).backward()
     lq, lk = q.clone().requires_grad_(True), k.clone().requires_grad_(keys_grad)
     poison()
-    loss = infonce_loss(lq, lk, targets, temperature=tau, backend="triton", reduction="none", key_ids=ids)
+    loss = infonce_loss(lq, lk, targets, temperature=tau, backend=backend, reduction=reduction, key_ids=ids)
     poison()
     (loss.mean() * scale).backward()
+    if reduction == "mean":
+        ref = ref.mean()
     errors = {"loss": rel_err(loss, ref), "dq": rel_err(lq.grad, rq.grad)}
     if keys_grad:
         errors["dk"] = rel_err(lk.grad, rk.grad)
     limit = limit or REL[dtype]
-    print(f"\ninfonce N{n_rows} M{n_keys} d{dim} {str(dtype)[6:]} ids={key_ids}: "
+    print(f"\ninfonce {backend} {reduction} N{n_rows} M{n_keys} d{dim} {str(dtype)[6:]} ids={key_ids}: "
           + " ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert all(e < limit for e in errors.values()), (errors, limit)
     return errors
 
 
+# triton: one kernel family, no logits in memory; gemm: chunked cuBLAS GEMMs around the fused lse + gradient kernel
+# (both reductions: "mean" takes the gradients in the forward, "none" recomputes them in the backward)
+INFONCE_RUNS = [("triton", "none"), ("gemm", "none"), ("gemm", "mean")]
+
+
+@pytest.mark.parametrize("backend, reduction", INFONCE_RUNS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_infonce_key_dimension_splits(dtype):
-    """4,096 queries x 70,000 keys: the key dimension is split across programs and merged."""
-    check_infonce(4096, 70000, 256 if dtype == torch.float32 else 768, dtype, seed=1)
+def test_infonce_key_dimension_splits(dtype, backend, reduction):
+    """4,096 queries x 70,000 keys: the key dimension is split across programs and merged (triton); the queries
+    are cut into chunks of 1,904 rows (gemm: 2^27 logits a chunk)."""
+    check_infonce(4096, 70000, 256 if dtype == torch.float32 else 768, dtype, seed=1, backend=backend,
+                  reduction=reduction)
 
 
+@pytest.mark.parametrize("backend, reduction", INFONCE_RUNS)
 @pytest.mark.parametrize("n_rows, n_keys, dim", [(1, 1, 16), (63, 1000, 64), (1000, 4099, 128), (333, 257, 100)])
-def test_infonce_shapes(n_rows, n_keys, dim):
-    check_infonce(n_rows, n_keys, dim, torch.bfloat16, seed=n_rows, keys_grad=n_rows != 63)
+def test_infonce_shapes(n_rows, n_keys, dim, backend, reduction):
+    check_infonce(n_rows, n_keys, dim, torch.bfloat16, seed=n_rows, keys_grad=n_rows != 63, backend=backend,
+                  reduction=reduction)
 
 
-def test_infonce_duplicate_positive_masking():
-    check_infonce(2048, 2048, 384, torch.bfloat16, seed=3, key_ids=True)
+@pytest.mark.parametrize("backend, reduction", INFONCE_RUNS)
+def test_infonce_duplicate_positive_masking(backend, reduction):
+    check_infonce(2048, 2048, 384, torch.bfloat16, seed=3, key_ids=True, backend=backend, reduction=reduction)
 
 
-def test_infonce_fp16_gradients_at_a_large_batch():
+@pytest.mark.parametrize("backend, reduction", INFONCE_RUNS)
+def test_infonce_fp16_gradients_at_a_large_batch(backend, reduction):
     """A (loss-scaled) mean over 32,768 rows of a flat softmax over 32,768 keys: the row weight and the
     probabilities (~3e-5, fp16 subnormals) must not be multiplied inside the fp16 product."""
-    check_infonce(32768, 32768, 64, torch.float16, seed=4, tau=1.0)
+    check_infonce(32768, 32768, 64, torch.float16, seed=4, tau=1.0, backend=backend, reduction=reduction)

@@ -41,7 +41,8 @@ def test_sweep_compiles_for_sm90_and_prunes_from_a_report(tmp_path):
     assert [r["part"] for r in rows] == ["row", "row", "infonce", "infonce"]
     assert rows[0]["default"] and rows[0]["tiles"] == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     # every variant a launch uses: forward and backward, band and global rows; InfoNCE's three kernels
-    assert [k["kernel"] for k in rows[0]["kernels"]] == ["row-fwd", "row-bwd", "row-global-fwd", "row-global-bwd"]
+    assert [k["kernel"] for k in rows[0]["kernels"]] == ["row-fwd", "row-bwd", "row-global-fwd", "row-global-bwd",
+                                                       "merge-rows-fwd", "merge-rows-bwd"]
     assert [k["kernel"] for k in rows[2]["kernels"]] == ["lse", "dq", "dk"]
     for r in rows:
         assert 0 < r["max_registers"] <= 255 and r["spill_bytes"] >= 0 and r["max_shared_bytes"] > 0
