@@ -288,6 +288,7 @@ _COLUMNS = {
     "mfu": ("MFU", lambda r: "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", False),
     "tflops": ("TFLOP/s", lambda r: _fmt(r.get("tflops_per_s"), 3), False),
     "xfloor": ("x floor", lambda r: _fmt(r.get("x_floor"), 1), False),
+    "graph": ("CUDA graph ms", lambda r: _fmt(r.get("graph_ms")), False),
     "headroom": ("x step", lambda r: _fmt(r.get("headroom"), 1), False),
     "peak": ("peak MiB", lambda r: _mem(r.get("peak_mem_bytes")), True),
     "extra": ("extra MiB", lambda r: _mem(r.get("extra_mem_bytes")), True),
@@ -295,8 +296,8 @@ _COLUMNS = {
     "err": ("max abs err", lambda r: _err(r.get("max_abs_err")), True),
     "note": ("note", _note, True),
 }
-RUN_TABLE = ("name", "provider", "shape", "dtype", "median", "p20", "p80", "tokens", "sequences", "tflops", "mfu",
-             "xfloor", "headroom", "peak", "extra", "ok", "err", "note")
+RUN_TABLE = ("name", "provider", "shape", "dtype", "median", "p20", "p80", "graph", "tokens", "sequences", "tflops",
+             "mfu", "xfloor", "headroom", "peak", "extra", "ok", "err", "note")
 README_TABLE = ("name", "provider", "shape", "device", "dtype", "median", "tokens", "sequences", "mfu",
                 "headroom", "peak", "ok")
 

@@ -114,6 +114,8 @@ def _sdpa(q, k, v, window, global_mask, padding_mask):
 
 
 _flex_compiled = None
+FLEX_BLOCK_SIZE = 128  # FlexAttention's block-sparsity tile (the benchmark times 64 and 128)
+FLEX_RECOMPILE_LIMIT = 64  # torch._dynamo's limit is 8 shapes a function: past it a call would run uncompiled
 
 
 def _flex(q, k, v, window, global_mask, padding_mask):
@@ -121,26 +123,52 @@ def _flex(q, k, v, window, global_mask, padding_mask):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _flex_compiled is None:  # eager flex_attention materialises scores; compiled it is a fused kernel
+        import torch._dynamo
+
+        # one compile per shape (dynamic=False); encoders see several lengths, so the limit is raised, and the
+        # benchmark times its calls under error_on_recompile (a fallback to the eager path would raise there)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     batch, _, length, _ = q.shape
-    block_mask, glob, pad = _cached(
-        ("flex", batch, length, window, q.device), global_mask, padding_mask,
-        lambda: _build_flex_mask(create_block_mask, batch, length, window, q.device, global_mask, padding_mask))
+    block_mask, pad = _cached(
+        ("flex", batch, length, window, FLEX_BLOCK_SIZE, q.device), global_mask, padding_mask,
+        lambda: _build_flex_mask(create_block_mask, batch, length, window, q.device, global_mask, padding_mask,
+                                 FLEX_BLOCK_SIZE))
     out = _flex_compiled(q, k, v, block_mask=block_mask)
     return out * (~pad)[:, None, :, None].to(out.dtype)  # padding query rows -> 0
 
 
-def _build_flex_mask(create_block_mask, batch, length, window, device, global_mask, padding_mask):
+def flex_mask_mod(batch, length, window, device, global_mask, padding_mask):
+    """(mask_mod, index_only, pad). The encoder's masks (CLS at position 0 the only global token, padding a
+    suffix) give an index-only mask_mod: index arithmetic and one per-sequence length, no (B, L) lookups, so the
+    block mask is built from indices alone. Other masks get the general mask_mod over the (B, L) masks.
+    Deciding which costs one host sync a batch (cached, like the block mask itself)."""
     glob, pad = _effective_masks(batch, length, device, global_mask, padding_mask)
+    lengths = (~pad).sum(1)
+    pos = torch.arange(length, device=device)
+    suffix_pad = bool((pad == (pos[None, :] >= lengths[:, None])).all())
+    cls_only = bool((glob == ((pos[None, :] == 0) & (lengths[:, None] > 0))).all())
+    if suffix_pad and cls_only:
+        def mask_mod(b, h, q_idx, kv_idx):
+            n = lengths[b]
+            near = (q_idx - kv_idx).abs() <= window
+            return (near | (q_idx == 0) | (kv_idx == 0)) & (q_idx < n) & (kv_idx < n)
 
-    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_mod, True, pad
+
+    def general(b, h, q_idx, kv_idx):
         near = (q_idx - kv_idx).abs() <= window
         return (near | glob[b, q_idx] | glob[b, kv_idx]) & ~pad[b, kv_idx] & ~pad[b, q_idx]
 
+    return general, False, pad
+
+
+def _build_flex_mask(create_block_mask, batch, length, window, device, global_mask, padding_mask, block_size):
+    mask_mod, _, pad = flex_mask_mod(batch, length, window, device, global_mask, padding_mask)
     # _compile=True: the mask is built block by block by a compiled kernel; eager it materialises a dense
     # B x L x L bool tensor first (gigabytes at L = 16k)
-    return create_block_mask(mask_mod, batch, None, length, length, device=device,
-                             _compile=device.type == "cuda"), glob, pad
+    return create_block_mask(mask_mod, batch, None, length, length, device=device, BLOCK_SIZE=block_size,
+                             _compile=device.type == "cuda"), pad
 
 
 def _global_index(batch, length, device, global_mask, padding_mask):

@@ -65,7 +65,7 @@ def attention_fp64(q, k, v, window, glob, padding):
     return probs @ v.double()
 
 
-def check_attention(batch, heads, length, dim, window, n_global, dtype, seed=0, backward=True):
+def check_attention(batch, heads, length, dim, window, n_global, dtype, seed=0, backward=True, backend="triton"):
     from kernels import local_global_attention
 
     q, k, v, glob, padding = attention_inputs(batch, heads, length, dim, n_global, dtype, seed)
@@ -73,7 +73,7 @@ def check_attention(batch, heads, length, dim, window, n_global, dtype, seed=0, 
     ref = attention_fp64(*ref_inputs, window, glob, padding)
     live = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
     poison()
-    out = local_global_attention(*live, window=window, global_mask=glob, padding_mask=padding, backend="triton")
+    out = local_global_attention(*live, window=window, global_mask=glob, padding_mask=padding, backend=backend)
     errors = {"out": rel_err(out, ref)}
     if backward:
         grad = torch.randn_like(ref)
@@ -83,7 +83,7 @@ def check_attention(batch, heads, length, dim, window, n_global, dtype, seed=0, 
         for name, a, e in zip(("dq", "dk", "dv"), live, ref_inputs):
             errors[name] = rel_err(a.grad, e.grad)
     limit = REL[dtype]
-    print(f"\nattention B{batch} H{heads} L{length} D{dim} w{window} g{n_global} {str(dtype)[6:]}: "
+    print(f"\nattention {backend} B{batch} H{heads} L{length} D{dim} w{window} g{n_global} {str(dtype)[6:]}: "
           + " ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert all(e < limit for e in errors.values()), (errors, limit)
     return errors
@@ -115,6 +115,16 @@ def test_attention_more_global_tokens_than_a_chunk():
     """40 global tokens over 3,000 positions: the first 16 (one chunk) are split across programs and merged, the
     rest run in the later chunks' serial programs; both global passes (rows, and keys in the backward)."""
     check_attention(2, 3, 3000, 64, 32, 40, torch.bfloat16, seed=9)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_flex_backend_at_both_block_sizes(block, monkeypatch):
+    """The flex backend (compiled FlexAttention, general mask: two global tokens) at the block sizes the benchmark
+    times, against the same fp64 reference."""
+    from kernels import local_global_attention as lga
+
+    monkeypatch.setattr(lga, "FLEX_BLOCK_SIZE", block)
+    check_attention(2, 2, 1000, 64, 32, 1, torch.bfloat16, seed=10, backend="flex")
 
 
 def test_attention_batch_times_heads_beyond_the_grid_limit():

@@ -173,6 +173,30 @@ def test_flash_merge_logic_with_emulated_kernel(name):
 
 
 # --- backend selection and input validation -----------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["encoder", "random"])
+def test_flex_mask_mod_equals_the_dense_mask(structure):
+    """The flex backend's mask_mod, expanded to a dense mask by FlexAttention's own create_mask (CPU), equals the
+    reference mask. The encoder's masks (CLS the only global token, padding a suffix, one sequence all padding) get
+    the index-only mask_mod; any other masks the general one."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from kernels.local_global_attention import flex_mask_mod
+
+    batch, length, window = 4, 45, 3
+    gen = torch.Generator().manual_seed(13)
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    glob = torch.zeros(batch, length, dtype=torch.bool)
+    glob[:, 0] = True
+    for b, n in enumerate([45, 30, 1, 0]):
+        pad[b, n:] = True
+    if structure == "random":
+        glob |= torch.rand(batch, length, generator=gen) < 0.1
+    mask_mod, index_only, _ = flex_mask_mod(batch, length, window, torch.device("cpu"), glob, pad)
+    assert index_only == (structure == "encoder")
+    dense = create_mask(mask_mod, batch, 1, length, length, device="cpu")[:, 0]
+    assert torch.equal(dense, dense_attention_mask(length, window, glob, pad))
+
+
 @pytest.mark.parametrize("backend", ["flex", "flash"])
 def test_unavailable_backend_raises_on_cpu(backend):
     case = _case(*CASES["length1"])

@@ -5,7 +5,9 @@ Every timed call is forward + backward. Providers:
                    costs), reference, sdpa_mask (SDPA with a precomputed bool mask), sdpa_dense (SDPA, no
                    mask: the speed-of-light peer, a different pattern so no numerics check), the same pinned to
                    each SDPA backend (sdpa_dense[flash|cudnn|efficient|math]; the fastest is named on its row),
-                   flex (CUDA), flash (CUDA + flash_attn)
+                   flex[64] / flex[128] (CUDA: compiled FlexAttention at that block size, the encoder's
+                   index-only mask; timed with recompiles made errors, so no timed call ran uncompiled),
+                   flash (CUDA + flash_attn)
   attention layer  our backends behind one QKV projection, sdpa_dense, hf_longformer
                    (transformers' LongformerSelfAttention at the same size, weights copied from ours so
                    its output is checked against our reference layer)
@@ -15,6 +17,8 @@ Every timed call is forward + backward. Providers:
                    (liger-kernel's fused linear cross-entropy over the normalised, temperature-scaled rows,
                    CUDA, where installed), inf_cl (inf-cl's tiled contrastive loss, CUDA, where installed);
                    the item-table shape runs twice, keys frozen and keys with gradient
+On CUDA, the rows of our kernels and their closest peers also carry `graph_ms`: the same forward + backward
+captured once in a CUDA graph and replayed (launch overhead gone: the eager - graph gap is what the host costs).
 Useful FLOPs per call (`flops`, fwd + bwd, the pattern's matmuls only) give TFLOP/s on every timed row and,
 where the device's bf16 dense peak is known, MFU and "x floor" (time / the time those FLOPs take at peak).
 Numerics ("ok", "max_abs_err"): against the fp32 reference on the same inputs. For attention, heads are
@@ -124,12 +128,13 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
                                                             backend="reference"),
         "sdpa_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask),
         "sdpa_dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-        "flex": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flex"),
+        "flex[64]": _flex_at(64, window, glob),
+        "flex[128]": _flex_at(128, window, glob),
         "flash": lambda q, k, v: local_global_attention(q, k, v, window=window, global_mask=glob, backend="flash"),
     }
     dense = _useful(ctx, 12.0 * batch * heads * length * length * head_dim, "12*B*H*L^2*D (dense)", dtype)
     for provider, fn in providers.items():
-        skip = _skip_reason(provider.replace("_noglobal", ""), dev)
+        skip = _skip_reason(provider.replace("_noglobal", "").split("[")[0], dev)
         n_global = 0 if provider == "triton_noglobal" else 1
         useful = dense if provider == "sdpa_dense" else _useful(  # dense attention: its own useful FLOPs
             ctx, attention_flops(batch, heads, length, head_dim, window, n_global), ATTN_FLOPS, dtype)
@@ -149,9 +154,76 @@ def _attention_core(ctx, batch, heads, length, head_dim, window, dtype):
             yield ctx.row("attention_core", provider, where, dtype, None,
                           note="interpreter: numerics only, not timed", **check)
             continue
+        if provider.startswith("flex"):
+            yield _flex_row(ctx, provider, where, dtype, fn, inputs, useful, check)
+            continue
+        graph = _graph_timing(ctx, _fwd_bwd(fn, inputs)) if provider in GRAPH_PROVIDERS else {}
         yield ctx.row("attention_core", provider, where, dtype, _measure_or_oom(_fwd_bwd(fn, inputs), ctx),
-                      **useful, **check)
+                      **useful, **check, **graph)
     yield from _pinned_sdpa_rows(ctx, shape, dtype, inputs, dense)
+
+
+GRAPH_PROVIDERS = ("triton", "triton_noglobal", "sdpa_dense", "gemm", "chunked", "naive_lowp")
+
+
+def _graph_timing(ctx, call, reps: int = 20) -> dict:
+    """{"graph_ms": ...}: `call(0)` (forward + backward) captured in one CUDA graph, the mean of `reps` replays;
+    {"graph_note": why} where capture fails (a host sync inside, an op that cannot be captured). CUDA only."""
+    if ctx.device.type != "cuda":
+        return {}
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+            for _ in range(3):
+                call(0)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call(0)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / reps
+        del graph
+        return {"graph_ms": ms}
+    except Exception as exc:  # noqa: BLE001 - reported on the row, the eager time still stands
+        torch.cuda.synchronize()
+        return {"graph_note": f"no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+
+
+def _flex_at(block: int, window: int, glob):
+    """The flex backend at FlexAttention block size `block` (kernels.local_global_attention.FLEX_BLOCK_SIZE)."""
+    from kernels import local_global_attention as lga
+
+    def fn(q, k, v):
+        saved, lga.FLEX_BLOCK_SIZE = lga.FLEX_BLOCK_SIZE, block
+        try:
+            return local_global_attention(q, k, v, window=window, global_mask=glob, backend="flex")
+        finally:
+            lga.FLEX_BLOCK_SIZE = saved
+    return fn
+
+
+def _flex_row(ctx, provider, where, dtype, fn, inputs, useful, check) -> dict:
+    """A flex row: compiled by the numerics check above (one compile per shape and block size); the timed calls run
+    with recompiles made errors, so a call that recompiled, or fell back to eager past dynamo's limit, fails the
+    row instead of timing the wrong thing."""
+    import torch._dynamo
+
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            timing = _measure_or_oom(_fwd_bwd(fn, inputs), ctx)
+    except Exception as exc:  # noqa: BLE001 - the row says why
+        return ctx.row("attention_core", provider, where, dtype, None, skipped=f"recompiled while timed: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}", **check)
+    note = "; ".join(filter(None, [check.get("note"), "compiled once; no recompile while timed"]))
+    return ctx.row("attention_core", provider, where, dtype, timing, **useful, **dict(check, note=note))
 
 
 def _pinned_sdpa_rows(ctx, shape, dtype, inputs, useful) -> Iterator[dict]:
@@ -477,7 +549,8 @@ def _infonce(ctx, n_rows, n_keys, dim, dtype, keys_grad):
             yield ctx.row("infonce", provider, shape, dtype, None, note="interpreter: numerics only, not timed",
                           **check)
             continue
-        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **useful, **check)
+        graph = _graph_timing(ctx, call) if provider in GRAPH_PROVIDERS else {}
+        yield ctx.row("infonce", provider, shape, dtype, _measure_or_oom(call, ctx), **useful, **check, **graph)
 
 
 def _interpreted() -> bool:
