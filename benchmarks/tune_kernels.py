@@ -3,7 +3,8 @@
     python benchmarks/tune_kernels.py --out runs/tune                     # compile report for sm_90 (no GPU needed)
     python benchmarks/tune_kernels.py --device cuda --prune runs/tune/tune.json --out $OUT   # then time on the GPU
 
-For each kernel part (attention `row`: forward + dQ; attention `col`: dK/dV; `infonce`: lse, dQ, dK) and each
+For each kernel part (attention `row`: forward + dQ; attention `col`: dK/dV; `infonce`: lse, dQ, dK; `gemm`: the gemm
+InfoNCE backend's fused step, its columns a step, warps and logits budget a chunk) and each
 configuration of its grid (`GRIDS`; `--max-configs` keeps the first N, the heuristic default first), every kernel
 variant a launch uses is compiled ahead of time for sm_90, specialised as a launch at the shape is (16-byte aligned
 pointers, the integer arguments that are multiples of 16; `kernels.tuning.compile_report`: registers, spill bytes,
@@ -36,6 +37,8 @@ GRIDS = {
     "row": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64), num_warps=(4, 8), num_stages=(2, 3)),
     "col": dict(BLOCK_M=(16, 32, 64), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2,)),
     "infonce": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    # the gemm InfoNCE backend: its fused kernel's columns a step and warps, and the logits budget a chunk
+    "gemm": dict(BLOCK=(2048, 1024, 4096), num_warps=(8, 4, 16), CHUNK=(2**27, 2**26, 2**28)),
 }
 SHAPES = {  # attention (B, H, L, D, w), InfoNCE (N, M, d)
     "tiny": dict(attention=(1, 2, 256, 64, 16), infonce=(64, 1024, 64)),
@@ -44,10 +47,12 @@ SHAPES = {  # attention (B, H, L, D, w), InfoNCE (N, M, d)
 
 
 def default_tiles(part: str, dim: int, dtype: torch.dtype) -> dict:
-    from kernels import _infonce_triton, _local_global_triton
+    from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
 
     cuda = torch.device("cuda")
-    if part == "infonce":
+    if part == "gemm":
+        cfg = _infonce_gemm._config(cuda)
+    elif part == "infonce":
         cfg = _infonce_triton._config(dim, dtype, cuda)
     else:
         cfg = _local_global_triton._config(dim, dtype, cuda)[part]
@@ -64,22 +69,24 @@ def configs(part: str, dim: int, dtype: torch.dtype, limit: int | None) -> list[
 
 def override(part: str, tiles_: dict) -> dict:
     """`kernels.tuning.tiles` arguments for one configuration of `part`."""
-    return tiles_ if part == "infonce" else {part: tiles_}
+    return tiles_ if part in ("infonce", "gemm") else {part: tiles_}
 
 
 def module_of(part: str):
-    from kernels import _infonce_triton, _local_global_triton
+    from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
 
-    return _infonce_triton if part == "infonce" else _local_global_triton
+    return {"infonce": _infonce_triton, "gemm": _infonce_gemm}.get(part, _local_global_triton)
 
 
 def compile_part(part: str, tiles_: dict, shape: tuple, dt: str) -> list[dict]:
     """The compile report of one configuration, specialised as a launch at `shape` is (the integer arguments
     that are multiples of 16 there)."""
-    from kernels.tuning import attention_variants, compile_report, infonce_variants, tiles
+    from kernels.tuning import attention_variants, compile_report, gemm_variants, infonce_variants, tiles
 
     with tiles(module_of(part), **override(part, tiles_)):
-        if part == "infonce":
+        if part == "gemm":  # the chunk budget changes no compiled code
+            variants = gemm_variants(dt, block=tiles_["BLOCK"], num_warps=tiles_["num_warps"])
+        elif part == "infonce":
             n, m, d = shape  # keys_per_split is a multiple of BLOCK_N (>= 16) by construction
             divisible = tuple(k for k, v in (("N", n), ("M", m), ("d", d)) if v % 16 == 0) + ("keys_per_split",)
             variants = infonce_variants(d, dt, divisible=divisible)
@@ -96,12 +103,13 @@ def timer(part: str, shape: tuple, dtype: torch.dtype, device: torch.device):
     from kernels.local_global_attention import local_global_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
-    if part == "infonce":
+    if part in ("infonce", "gemm"):
         n, m, d = shape
         q = torch.randn(n, d, device=device, dtype=dtype, generator=gen).requires_grad_(True)
         k = torch.randn(m, d, device=device, dtype=dtype, generator=gen).requires_grad_(True)
         t = torch.randint(0, m, (n,), device=device, generator=gen)
-        return lambda i: torch.autograd.grad(infonce_loss(q, k, t, backend="triton"), (q, k))
+        backend = "triton" if part == "infonce" else "gemm"
+        return lambda i: torch.autograd.grad(infonce_loss(q, k, t, backend=backend), (q, k))
     b, h, length, d, w = shape
     q, k, v = (torch.randn(b, h, length, d, device=device, dtype=dtype, generator=gen).requires_grad_(True)
                for _ in range(3))
@@ -142,7 +150,7 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="row,col,infonce", help=f"comma-separated of {', '.join(GRIDS)}")
+    parser.add_argument("--parts", default="row,col,infonce,gemm", help=f"comma-separated of {', '.join(GRIDS)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: compile report only; cuda: also time the configs that do not spill")
     parser.add_argument("--shapes", choices=tuple(SHAPES), default="paper")
@@ -171,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for part in parts:
-        shape = SHAPES[args.shapes]["infonce" if part == "infonce" else "attention"]
-        dim = shape[2] if part == "infonce" else shape[3]
+        shape = SHAPES[args.shapes]["infonce" if part in ("infonce", "gemm") else "attention"]
+        dim = shape[2] if part in ("infonce", "gemm") else shape[3]
         run = timer(part, shape, dtype, device) if device.type == "cuda" else None
         grid = configs(part, dim, dtype, None)
         if known:  # from an earlier report: only configs it compiled without spills (the default always)

@@ -182,7 +182,7 @@ class PretrainConfig:
     # In-batch negatives repeat popular next items: "mask" leaves the other copies of a row's own next item
     # out of its softmax (they are false negatives); "keep" treats them as negatives (the papers' loss).
     duplicate_positives: Literal["mask", "keep"] = "mask"
-    loss_backend: str = "auto"  # infonce backend
+    loss_backend: str = "auto"  # infonce backend: auto | reference | triton | gemm | chunked
 
     def validate(self, prefix: str) -> None:
         if self.masking.ratio is None:  # resolved here so the written config shows the value used
@@ -293,7 +293,7 @@ class FinetuneConfig:
     stage2_lr: float | None = None  # null: `lr`. The frozen table of stage 2 tolerates a larger step.
     batch_size: int = 16
     temperature: float = 0.05
-    loss_backend: str = "auto"  # infonce backend: auto | reference | triton | chunked
+    loss_backend: str = "auto"  # infonce backend: auto | reference | triton | gemm | chunked
     low_resource_fraction: float | None = None  # train on this share of training users (seeded)
     max_steps_per_epoch: int | None = None
     valid_users: int | None = None  # validate on the first N validation users only (null: all); test is always all

@@ -44,6 +44,16 @@ import triton
 import triton.language as tl
 
 _CHUNK_ELEMENTS = 2**27  # C x M logits per chunk (fp32 S + input-dtype G')
+# entries replacing `_config`'s (BLOCK, num_warps, CHUNK): set by the tuning sweep (benchmarks/tune_kernels.py,
+# `kernels.tuning.tiles`), empty otherwise
+TILE_OVERRIDE: dict = {}
+
+
+def _config(device: torch.device) -> dict:
+    """The fused kernel's columns a step and warps, and the chunk budget (C x M logits). Interpreter: 64-wide
+    steps, so tests cross several."""
+    cfg = dict(BLOCK=2048, num_warps=8) if device.type == "cuda" else dict(BLOCK=64, num_warps=4)
+    return {**cfg, "CHUNK": _CHUNK_ELEMENTS, **TILE_OVERRIDE}
 _EPS = 1e-12  # as F.normalize
 _PROJECT_ROWS = 65536  # rows of dK finished at a time (bounds the fp32 temporaries of the projection)
 
@@ -145,8 +155,8 @@ def lse_grad_triton(s, scale, targets, row_ids=None, key_ids=None, w_rel=None, g
     lse = torch.empty(rows, device=s.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     g = torch.empty(rows, m, device=s.device, dtype=grad_dtype) if grad_dtype is not None else lse
-    if block is None:
-        block = min(2048, triton.next_power_of_2(m)) if s.device.type == "cuda" else min(64, triton.next_power_of_2(m))
+    cfg = _config(s.device)
+    block = min(block or cfg["BLOCK"], max(16, triton.next_power_of_2(m)))
     has_ids = key_ids is not None
     tgt = targets.to(torch.int32)
     rid = row_ids.to(torch.int32) if has_ids else tgt
@@ -155,7 +165,7 @@ def lse_grad_triton(s, scale, targets, row_ids=None, key_ids=None, w_rel=None, g
     lse_grad_kernel[(rows,)](s, scale, tgt, rid, kid, w, lse, loss, g, m, s.stride(0),
                              g.stride(0) if grad_dtype is not None else 0, BLOCK=block, HAS_IDS=has_ids,
                              HAS_W=w_rel is not None, WRITE_GRAD=grad_dtype is not None,
-                             num_warps=8 if block >= 2048 else 4)
+                             num_warps=cfg["num_warps"])
     return lse, loss, (g if grad_dtype is not None else None)
 
 
@@ -171,7 +181,7 @@ def fused_step(s, *args, fused=None, **kw):
 # ---------------------------------------------------------------------------------------------------------
 def chunk_rows(n_rows: int, n_keys: int, budget: int | None = None) -> int:
     """Query rows per chunk: C x M <= budget, C a multiple of 16 when above 16, at most N."""
-    budget = budget or _CHUNK_ELEMENTS
+    budget = budget or TILE_OVERRIDE.get("CHUNK", _CHUNK_ELEMENTS)
     c = max(1, budget // max(1, n_keys))
     if c >= 16:
         c = c // 16 * 16

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _infonce_triton, _local_global_triton
+from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
 from kernels.tuning import tiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +27,30 @@ def test_tiles_override_the_heuristic_and_are_restored():
         cfg = _infonce_triton._config(768, torch.bfloat16, cuda)
         assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["BLOCK_M"]) == (128, 3, 64)
     assert _infonce_triton.TILE_OVERRIDE == {}
+    # the gemm backend: the chunk budget decides the rows a chunk
+    with tiles(_infonce_gemm, CHUNK=4 * 29, BLOCK=1024):
+        assert _infonce_gemm.chunk_rows(11, 29) == 4 and _infonce_gemm._config(cuda)["BLOCK"] == 1024
+    assert _infonce_gemm.chunk_rows(11, 29) == 11 and _infonce_gemm.TILE_OVERRIDE == {}
 
 
 @pytest.mark.slow
 def test_sweep_compiles_for_sm90_and_prunes_from_a_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "benchmarks/tune_kernels.py"), "--shapes", "tiny", "--max-configs", "2",
-           "--parts", "row,infonce"]
+           "--parts", "row,infonce,gemm"]
     done = subprocess.run([*cmd, "--out", str(tmp_path / "a")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "a" / "tune.json").read_text())["rows"]
-    assert [r["part"] for r in rows] == ["row", "row", "infonce", "infonce"]
+    assert [r["part"] for r in rows] == ["row", "row", "infonce", "infonce", "gemm", "gemm"]
     assert rows[0]["default"] and rows[0]["tiles"] == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     # every variant a launch uses: forward and backward, band and global rows; InfoNCE's three kernels
     assert [k["kernel"] for k in rows[0]["kernels"]] == ["row-fwd", "row-bwd", "row-global-fwd", "row-global-bwd",
                                                        "merge-rows-fwd", "merge-rows-bwd"]
     assert [k["kernel"] for k in rows[2]["kernels"]] == ["lse", "dq", "dk"]
+    # the gemm backend's one kernel, with and without the gradient write; the chunk budget is part of the config
+    assert rows[4]["tiles"] == {"BLOCK": 2048, "num_warps": 8, "CHUNK": 2**27}
+    assert [k["kernel"] for k in rows[4]["kernels"]] == ["gemm-fused-grad", "gemm-fused"]
     for r in rows:
         assert 0 < r["max_registers"] <= 255 and r["spill_bytes"] >= 0 and r["max_shared_bytes"] > 0
         assert r["note"] == "not timed (CPU: compile report only)" and "median_ms" not in r
@@ -73,11 +80,14 @@ def test_gpu_check_dry_run_on_cpu_writes_every_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["cuda-tests.log", "env.txt", "kernels-cpu.jsonl", "kernels-cpu.md",
                                                      "kernels-cpu.png", "logs.tar.gz", "tune.json", "tune.md"]
     with tarfile.open(out / "logs.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["cuda-tests.xml", "kernels.log", "tune.log"]
+        assert sorted(tar.getnames()) == ["cuda-tests.xml", "kernels.log", "train-cpu.jsonl", "train-cpu.md",
+                                          "train-cpu.png", "train.log", "tune.log"]
+        train = [json.loads(x) for x in tar.extractfile("train-cpu.jsonl").read().decode().splitlines()]
+    assert {"encoder_fwd_bwd_adamw", "pretrain_step"} <= {r["name"] for r in train}
     assert "needs a CUDA GPU" in (out / "cuda-tests.log").read_text() or "skipped" in (out / "cuda-tests.log").read_text()
     rows = [json.loads(x) for x in (out / "kernels-cpu.jsonl").read_text().splitlines()]
     assert {r["name"] for r in rows} == {"attention_core", "attention_layer", "infonce"}
     assert [r["part"] for r in json.loads((out / "tune.json").read_text())["rows"]] == ["row"] * 2 + ["col"] * 2 + \
-        ["infonce"] * 2
-    for step in ("cuda tests: exit", "kernel benchmark: exit 0", "tile sweep: exit 0"):
+        ["infonce"] * 2 + ["gemm"] * 2
+    for step in ("cuda tests: exit", "kernel benchmark: exit 0", "train benchmark: exit 0", "tile sweep: exit 0"):
         assert step in done.stdout, done.stdout[-2000:]
