@@ -11,7 +11,7 @@
 #   pip download ... -d .whl hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types \
 #       typing-inspection einops
 #   OUT=runs/gpu-check bash benchmarks/gpu_check.sh     # there; on the device tool $OUT is set for you
-#   DEVICE=cpu SHAPES=tiny PYTHON=.venv/bin/python OUT=/tmp/dry bash benchmarks/gpu_check.sh   # a dry run here:
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --device cpu --shapes tiny --out /tmp/dry   # a dry run here:
 #       every step starts and writes its files (tiny shapes, the kernels on Triton's interpreter)
 # Files (8, the device tool's limit): env.txt, cuda-tests.log (per-test relative errors, durations), kernels-cuda
 # .jsonl / .md / .png, tune.json / tune.md (the tile sweep: configs that do not spill in the committed sm_90 compile
@@ -26,6 +26,15 @@ set -u
 OUT=${OUT:-runs/gpu-check}
 DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-paper}
+while [ $# -gt 0 ]; do  # flags win over the environment: --device cpu --shapes tiny --out DIR
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --shapes) SHAPES=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (known: --device cpu|cuda, --shapes tiny|paper|long, --out DIR)" >&2
+       exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -38,7 +38,7 @@ GRIDS = {
     "col": dict(BLOCK_M=(16, 32, 64), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2,)),
     "infonce": dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # the gemm InfoNCE backend: its fused kernel's columns a step and warps, and the logits budget a chunk
-    "gemm": dict(BLOCK=(2048, 1024, 4096), num_warps=(8, 4, 16), CHUNK=(2**27, 2**26, 2**28)),
+    "gemm": dict(BLOCK=(2048, 1024, 4096), num_warps=(8, 4, 16), CHUNK=(None, 2**25, 2**26, 2**28)),
 }
 SHAPES = {  # attention (B, H, L, D, w), InfoNCE (N, M, d)
     "tiny": dict(attention=(1, 2, 256, 64, 16), infonce=(64, 1024, 64)),

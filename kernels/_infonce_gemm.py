@@ -17,6 +17,8 @@ so a forward + backward costs 3 GEMM units plus a memory-bound pass over C x M v
 C x M stays under a budget (`_CHUNK_ELEMENTS`, 2^27: 512 MiB of fp32 logits and 256 MiB of bf16 G'); at
 M = 32768 that is C = 4096, at M = 262144 C = 512: each D update (M x d fp32, read and written once a chunk)
 then costs 2 C flops a byte, about the H200's balance point at C = 512 (989 TFLOP/s over 4.8 TB/s / 8 bytes).
+Keys without gradient (a frozen item table) have no D to update, so their budget is 2^25 (192 MiB at bf16).
+The tile sweep (benchmarks/tune_kernels.py, part `gemm`) times other budgets: memory against speed.
 
 Mean and sum reductions (a uniform upstream gradient) take the gradients in the forward, as Liger's fused linear
 cross-entropy does: the logits are computed once, and the backward only scales the saved dQ / dK by the upstream
@@ -43,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-_CHUNK_ELEMENTS = 2**27  # C x M logits per chunk (fp32 S + input-dtype G')
+_CHUNK_ELEMENTS = 2**27  # C x M logits per chunk (fp32 S + input-dtype G') when the keys take a gradient
+_FROZEN_CHUNK_ELEMENTS = 2**25  # ... and when they do not (no dK updates to keep compute-bound: less memory)
 # entries replacing `_config`'s (BLOCK, num_warps, CHUNK): set by the tuning sweep (benchmarks/tune_kernels.py,
 # `kernels.tuning.tiles`), empty otherwise
 TILE_OVERRIDE: dict = {}
@@ -53,7 +56,7 @@ def _config(device: torch.device) -> dict:
     """The fused kernel's columns a step and warps, and the chunk budget (C x M logits). Interpreter: 64-wide
     steps, so tests cross several."""
     cfg = dict(BLOCK=2048, num_warps=8) if device.type == "cuda" else dict(BLOCK=64, num_warps=4)
-    return {**cfg, "CHUNK": _CHUNK_ELEMENTS, **TILE_OVERRIDE}
+    return {**cfg, "CHUNK": None, **TILE_OVERRIDE}  # CHUNK None: `chunk_rows`'s defaults
 _EPS = 1e-12  # as F.normalize
 _PROJECT_ROWS = 65536  # rows of dK finished at a time (bounds the fp32 temporaries of the projection)
 
@@ -179,9 +182,11 @@ def fused_step(s, *args, fused=None, **kw):
 # ---------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------
-def chunk_rows(n_rows: int, n_keys: int, budget: int | None = None) -> int:
-    """Query rows per chunk: C x M <= budget, C a multiple of 16 when above 16, at most N."""
-    budget = budget or TILE_OVERRIDE.get("CHUNK", _CHUNK_ELEMENTS)
+def chunk_rows(n_rows: int, n_keys: int, keys_grad: bool = True) -> int:
+    """Query rows per chunk: C x M <= the budget (`CHUNK` of a tuning override, else 2^27 logits with key
+    gradients, 2^25 without), C a multiple of 16 when above 16, at most N."""
+    budget = TILE_OVERRIDE.get("CHUNK") or (_CHUNK_ELEMENTS if keys_grad else min(_CHUNK_ELEMENTS,
+                                                                                  _FROZEN_CHUNK_ELEMENTS))
     c = max(1, budget // max(1, n_keys))
     if c >= 16:
         c = c // 16 * 16
@@ -240,7 +245,7 @@ class GemmInfoNCEFn(torch.autograd.Function):
     def forward(ctx, q, k, targets, inv_temp, key_ids, normalize, mode, out_scale, fused, grad_enabled):
         q, k = q.contiguous(), k.contiguous()
         scale, rk = key_scale(k, inv_temp, normalize)
-        chunk = chunk_rows(q.shape[0], k.shape[0])
+        chunk = chunk_rows(q.shape[0], k.shape[0], grad_enabled and ctx.needs_input_grad[1])
         row_ids = None if key_ids is None else key_ids[targets]
         # needs_input_grad is set under torch.no_grad() too: the grad mode at the call decides
         need_dq, need_dk = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
