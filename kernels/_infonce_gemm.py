@@ -215,7 +215,7 @@ def _project(dk_acc, k, rk, normalize):
 
 def _pass(q, k, targets, row_ids, key_ids, scale, chunk, need_dq, need_dk, w_rel=None, fused=None):
     """One sweep over query chunks: (lse, loss, dq fp32 or None, D fp32 or None) with G' weighted by w_rel."""
-    n_rows, n_keys = q.shape[0], k.shape[0]
+    n_rows = q.shape[0]
     write = need_dq or need_dk
     lse = torch.empty(n_rows, device=q.device, dtype=torch.float32)
     loss = torch.empty_like(lse)

@@ -154,7 +154,7 @@ def _global_range(pid, n_glob, L, per_split, SPLITS, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_kernel(
-    Q, K, V, O, OUT, DO, LSE, DELTA, KPAD, GIDX, GCNT, PART_M, PART_L, PART_ACC,
+    Q, K, V, FWD_OUT, OUT, DO, LSE, DELTA, KPAD, GIDX, GCNT, PART_M, PART_L, PART_ACC,
     L, window, per_split, SPLITS, qk_scale, out_scale,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -164,7 +164,7 @@ def _row_kernel(
 
     BACKWARD=False: OUT <- attention output, LSE <- base-2 log-sum-exp.  BACKWARD=True: OUT <- dQ, and (band mode)
     DELTA <- rowsum(dO * O) of the block's rows, which the global-row and dK/dV launches after it read (the delta
-    step fused into the dQ pass). Global mode, first chunk: per-split partials to PART_* (`_merge_rows`).
+    step fused into the dQ pass; FWD_OUT is the forward's output). Global mode, first chunk: per-split partials to PART_* (`_merge_rows`).
     """
     bh = tl.program_id(0)  # batch x heads on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
     pid = tl.program_id(1)
@@ -196,7 +196,7 @@ def _row_kernel(
         if GLOBAL_ROWS:
             delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
         else:
-            o = _load_rows(O, base, rows, row_ok, offs_d, HEAD_DIM)
+            o = _load_rows(FWD_OUT, base, rows, row_ok, offs_d, HEAD_DIM)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             tl.store(DELTA + bh * L + rows, delta, mask=direct_ok)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -254,18 +254,25 @@ def _row_kernel(
 
 
 @triton.jit
+def _first_chunk(GIDX, GCNT, L, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    """A merge program's batch x head (axis 0): (bh, base offset, head-dim offsets, slots, slot ok, positions) of
+    the first chunk of its sequence's global tokens."""
+    bh = tl.program_id(0)
+    b = bh // H
+    slot = tl.arange(0, BLOCK_G)
+    ok = slot < tl.load(GCNT + b)
+    return (bh, bh.to(tl.int64) * L * HEAD_DIM, tl.arange(0, BLOCK_D), slot, ok,
+            tl.load(GIDX + b * L + slot, mask=ok, other=0))
+
+
+@triton.jit
 def _merge_rows(PART_M, PART_L, PART_ACC, OUT, LSE, GIDX, GCNT, L, SPLITS, out_scale,
                 H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                 BACKWARD: tl.constexpr):
     """First chunk of global rows: merge the split partials. Forward through the log-sum-exp (out, lse);
     backward (dQ) by summing."""
-    bh = tl.program_id(0)
-    b = bh // H
-    base = bh.to(tl.int64) * L * HEAD_DIM
-    offs_d = tl.arange(0, BLOCK_D)
-    slot = tl.arange(0, BLOCK_G)
-    ok = slot < tl.load(GCNT + b)
-    rows = tl.load(GIDX + b * L + slot, mask=ok, other=0)
+    bh, base, offs_d, slot, ok, rows = _first_chunk(GIDX, GCNT, L, H, HEAD_DIM, BLOCK_D, BLOCK_G)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     if BACKWARD:
         for sp in range(0, SPLITS):
@@ -376,13 +383,7 @@ def _col_kernel(
 def _merge_cols(PART_DK, PART_DV, DK, DV, GIDX, GCNT, L, SPLITS,
                 H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
     """First chunk of global keys: add the split partials of S2 onto the band-mode dK, dV."""
-    bh = tl.program_id(0)
-    b = bh // H
-    base = bh.to(tl.int64) * L * HEAD_DIM
-    offs_d = tl.arange(0, BLOCK_D)
-    slot = tl.arange(0, BLOCK_G)
-    ok = slot < tl.load(GCNT + b)
-    cols = tl.load(GIDX + b * L + slot, mask=ok, other=0)
+    bh, base, offs_d, slot, ok, cols = _first_chunk(GIDX, GCNT, L, H, HEAD_DIM, BLOCK_D, BLOCK_G)
     dk = _load_rows(DK, base, cols, ok, offs_d, HEAD_DIM).to(tl.float32)
     dv = _load_rows(DV, base, cols, ok, offs_d, HEAD_DIM).to(tl.float32)
     for sp in range(0, SPLITS):

@@ -44,7 +44,7 @@ def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12,
     from kernels import _local_global_triton as m
 
     cfg = m._config(head_dim, DTYPES[dt], torch.device("cuda"))
-    types = {p: "*" + dt for p in ("Q", "K", "V", "O", "OUT", "DO", "DK", "DV")}
+    types = {p: "*" + dt for p in ("Q", "K", "V", "FWD_OUT", "OUT", "DO", "DK", "DV")}
     types.update(LSE="*fp32", DELTA="*fp32", KPAD="*i8", GMASK="*i8", GIDX="*i32", GCNT="*i32", L="i32",
                  window="i32", per_split="i32", SPLITS="i32", qk_scale="fp32", out_scale="fp32", sm_scale="fp32",
                  PART_M="*fp32", PART_L="*fp32", PART_ACC="*fp32", PART_DK="*fp32", PART_DV="*fp32")
