@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="A - B on NDCG@10, Recall@10, MRR with a 95% paired bootstrap interval and p-value")
+    p = sub.add_parser("compare", help="A - B on NDCG@10, Recall@10, MRR with a 95%% paired bootstrap interval and p-value")
     p.add_argument("a", help="rank file (.parquet) or, with --run, a method name; comma-separated for several runs "
                              "of one method (other training seeds): each user's metric averaged over them")
     p.add_argument("b", help="as A")
