@@ -283,6 +283,39 @@ def cmd_recommend(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_upgrade_export(args, overrides: list[str]) -> int:
+    """An export written before exports became Hugging Face models: model_type, item_text / sequence (from the
+    prepared data it was trained on) and the tokenizer files added in place; weights untouched."""
+    from jepa4rec_dist.model.checkpoint import MODEL_TYPE, export_context, is_export, save_tokenizer_files
+
+    folder = Path(args.model)
+    if not is_export(folder):
+        raise ValueError(f"{folder}: not an export of this package (config.json with format 'jepa4rec-encoder')")
+    cfg = _config(args, overrides, args.data)
+    path = folder / "config.json"
+    meta = json.loads(path.read_text())
+    context = export_context(cfg.data.out_dir, cfg.sequence)
+    if meta.get("tokenizer") and meta["tokenizer"]["name"] != load_manifest_tokenizer(cfg.data.out_dir):
+        raise ValueError(f"{folder} was trained with tokenizer {meta['tokenizer']['name']!r}, {cfg.data.out_dir} "
+                         f"was prepared with {load_manifest_tokenizer(cfg.data.out_dir)!r}: give the data it was "
+                         "trained on")
+    meta.update({"model_type": MODEL_TYPE, "architectures": ["Jepa4RecModel"], "pad_token_id": meta["pad_id"],
+                 "item_text": meta.get("item_text") or context["item_text"],
+                 "sequence": meta.get("sequence") or context["sequence"]})
+    path.write_text(json.dumps(meta, indent=1))
+    if meta.get("tokenizer"):
+        save_tokenizer_files(folder, meta["tokenizer"]["name"])
+    print(f"{folder}: a Hugging Face model folder now (model_type {MODEL_TYPE!r}, tokenizer files, item_text "
+          f"{meta['item_text']['attributes']})")
+    return 0
+
+
+def load_manifest_tokenizer(root) -> str:
+    from jepa4rec_dist.data.shards import load_manifest
+
+    return load_manifest(root)["tokenizer"]["name"]
+
+
 def cmd_ds_config(args, overrides: list[str]) -> int:
     """The DeepSpeed JSON that `launch/pretrain.py` derives from the typed config (for inspection)."""
     from jepa4rec_dist.train.distributed import OptimSpec, deepspeed_config
@@ -378,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("upgrade-export", help="make an older export a Hugging Face model folder (model_type, "
+                       "tokenizer files, item sentence settings), in place")
+    p.add_argument("model", help="export directory")
+    p.add_argument("--data", required=True, help="the prepared directory it was trained on (data.out_dir)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    p.set_defaults(func=cmd_upgrade_export)
 
     p = sub.add_parser("ds-config", help="print the DeepSpeed JSON generated from a config (ZeRO stage, batch)")
     p.add_argument("--world", type=int, default=1, help="number of ranks")

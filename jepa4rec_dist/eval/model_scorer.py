@@ -37,6 +37,73 @@ def encode_items(encoder: Encoder, table: ItemTable, tok: TokenizerInfo, seq_cfg
     return torch.cat(out)
 
 
+def item_pairs(item: dict, attributes: list[str]) -> list[tuple[str, str]]:
+    """A raw item (attribute -> value) as the (key, value) pairs of its sentence, in the export's attribute order:
+    missing, null and empty values are left out, lists joined with ", ", everything else str()."""
+    pairs = []
+    for a in attributes:
+        v = item.get(a)
+        if isinstance(v, list | tuple):
+            v = ", ".join(str(x) for x in v if x is not None and str(x).strip())
+        if v is None:
+            continue
+        v = str(v).strip()
+        if v:
+            pairs.append((a, v))
+    return pairs
+
+
+def item_table_from_dicts(items: list[dict], tokenizer, item_text: dict, ids: list[str] | None = None) -> ItemTable:
+    """An in-memory ItemTable of raw items, tokenised as `jepa4rec prepare` does (the export's `item_text`:
+    attributes, max_attr_tokens, max_attrs). An item with none of the attributes is an error naming it."""
+    from jepa4rec_dist.data.tokenization import ItemTokenizer
+
+    if not item_text or not item_text.get("attributes"):
+        raise ValueError("the export records no item_text (attribute order and lengths): convert it with "
+                         "`jepa4rec upgrade-export EXPORT --data PREPARED_DIR`")
+    pairs = [item_pairs(it, item_text["attributes"]) for it in items]
+    empty = [i for i, p in enumerate(pairs) if not p]
+    if empty:
+        name = ids[empty[0]] if ids else f"#{empty[0]}"
+        raise ValueError(f"item {name} has none of the attributes {item_text['attributes']} "
+                         f"({len(empty)} such item(s))")
+    toks = ItemTokenizer(tokenizer, item_text["max_attr_tokens"], item_text["max_attrs"]).encode(pairs)
+    lengths = np.array([len(t.token_ids) for t in toks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cat = (lambda name, dt: np.concatenate([getattr(t, name) for t in toks]).astype(dt) if toks else np.zeros(0, dt))
+    return ItemTable(item_ids=list(ids) if ids else [str(i) for i in range(len(items))], domains=[""] * len(items),
+                     offsets=offsets, token_ids=cat("token_ids", np.int32), token_types=cat("token_types", np.int8),
+                     word_starts=cat("word_starts", bool))
+
+
+def encode_item_dicts(encoder: Encoder, tokenizer, tok: TokenizerInfo, item_text: dict, seq_cfg: SequenceConfig,
+                      items: list[dict], batch_size: int = 128, device="cpu", progress: bool = False) -> torch.Tensor:
+    """(N, H) L2-normalised vectors of raw items: what `encode_items` computes for a prepared catalogue."""
+    table = item_table_from_dicts(items, tokenizer, item_text)
+    return encode_items(encoder, table, tok, seq_cfg, batch_size, device, progress)
+
+
+@torch.no_grad()
+def encode_history_dicts(encoder: Encoder, tokenizer, tok: TokenizerInfo, item_text: dict, seq_cfg: SequenceConfig,
+                         histories: list[list[dict]], batch_size: int = 64, device="cpu") -> torch.Tensor:
+    """(U, H) L2-normalised history vectors (each history a list of raw items, oldest first)."""
+    flat = [it for h in histories for it in h]
+    if any(not h for h in histories):
+        raise ValueError("encode_histories: a history is empty")
+    table = item_table_from_dicts(flat, tokenizer, item_text)
+    seq = SequenceEncoder(table, tok, seq_cfg)
+    starts = np.cumsum([0] + [len(h) for h in histories])
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for lo in range(0, len(histories), batch_size):
+        encs = [seq.history(range(starts[u], starts[u + 1])) for u in range(lo, min(lo + batch_size, len(histories)))]
+        batch = to_device(pad_batch(encs, tok, seq_cfg, seq_cfg.max_items, prefix="history_"), torch.device(device))
+        out.append(F.normalize(encoder.represent(batch, "history_").float(), dim=-1))
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
 class EncoderScorer:
     def __init__(self, encoder: Encoder, item_table: torch.Tensor, temperature: float = 0.05,
                  device: torch.device | str = "cpu", name: str = "jepa4rec"):

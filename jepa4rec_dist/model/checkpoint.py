@@ -6,9 +6,10 @@ item positions random (as RecFormer did). A position table shorter than ours is 
 (RoBERTa keeps its two reserved rows in front). Longformer's separate global q/k/v projections are not
 used: our global tokens share the local projections (a documented difference from RecFormer).
 
-Export: a folder with `model.safetensors` (encoder, MLM head when present, extra tensors such as a
-finetuned item table) and `config.json` (the model section, pad id, tokenizer info). `load_export`
-rebuilds exactly what was saved.
+Export: a Hugging Face model folder (jepa4rec_dist/hf.py: model_type "jepa4rec"): `model.safetensors` (encoder,
+MLM head when present, extra tensors such as a finetuned item table), `config.json` (model_type, the model section,
+pad id, tokenizer facts, how an item becomes a sentence: `item_text`, `sequence`) and the tokenizer's files.
+`load_export` rebuilds exactly what was saved; `AutoModel.from_pretrained` loads the encoder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jepa4rec_dist.config import ModelConfig, _build
 from jepa4rec_dist.data.tokenization import minilm_model_dir
 
 EXPORT_FORMAT = "jepa4rec-encoder"
+MODEL_TYPE = "jepa4rec"  # the Hugging Face model_type (jepa4rec_dist/hf.py registers it)
 SUPPORTED = ("bert", "roberta", "longformer", "xlm-roberta")
 
 
@@ -129,16 +131,39 @@ def import_hf_weights(encoder, mlm_head, path: str, hf_config: dict) -> dict[str
 
 
 def save_export(folder: str | Path, model_cfg: ModelConfig, pad_id: int, tensors: dict[str, torch.Tensor],
-                tokenizer: dict | None = None, extra: dict | None = None) -> Path:
-    """Write `tensors` (flat name -> tensor, e.g. `encoder.*`, `mlm_head.*`, `item_table`) + config.json."""
+                tokenizer: dict | None = None, extra: dict | None = None, item_text: dict | None = None,
+                sequence: dict | None = None) -> Path:
+    """Write `tensors` (flat name -> tensor, e.g. `encoder.*`, `mlm_head.*`, `item_table`), config.json (a Hugging
+    Face config of model_type "jepa4rec") and, when `tokenizer` names one this machine has, its files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(flat, str(folder / "model.safetensors"))
-    meta = {"format": EXPORT_FORMAT, "model": asdict(model_cfg), "pad_id": pad_id, "tokenizer": tokenizer,
-            **(extra or {})}
+    save_file(flat, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    meta = {"model_type": MODEL_TYPE, "architectures": ["Jepa4RecModel"], "format": EXPORT_FORMAT,
+            "model": asdict(model_cfg), "pad_id": pad_id, "pad_token_id": pad_id, "tokenizer": tokenizer,
+            "item_text": item_text, "sequence": sequence, **(extra or {})}
     (folder / "config.json").write_text(json.dumps(meta, indent=1))
+    if tokenizer:
+        save_tokenizer_files(folder, tokenizer["name"])
     return folder
+
+
+def save_tokenizer_files(folder: Path, name: str) -> None:
+    """The tokenizer's files into an export folder (AutoTokenizer.from_pretrained(folder) then works)."""
+    from jepa4rec_dist.data.tokenization import load_tokenizer
+
+    load_tokenizer(name).save_pretrained(str(folder))
+
+
+def export_context(root: str | Path, sequence) -> dict:
+    """`item_text` and `sequence` of save_export for data prepared in `root` (attribute order from its manifest)."""
+    from jepa4rec_dist.data.shards import load_manifest
+
+    manifest = load_manifest(root)
+    text = manifest.get("config", {}).get("data", {}).get("item_text", {})
+    return {"item_text": {"attributes": list(manifest["attributes"]), "max_attr_tokens": text.get("max_attr_tokens", 32),
+                          "max_attrs": text.get("max_attrs", 3)},
+            "sequence": asdict(sequence)}
 
 
 def load_export(folder: str | Path) -> tuple[ModelConfig, int, dict[str, torch.Tensor], dict]:

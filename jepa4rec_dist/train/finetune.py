@@ -40,7 +40,7 @@ from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.harness import EvalResult, evaluate
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.model import build_encoder, encoder_tensors
-from jepa4rec_dist.model.checkpoint import save_export
+from jepa4rec_dist.model.checkpoint import export_context, save_export
 from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
@@ -195,7 +195,8 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
                 best.update({"ndcg@10": res.metrics["ndcg@10"], "stage": stage, "epoch": epoch})
                 save_export(out / "best", enc.cfg, enc.pad_id, {**encoder_tensors(enc), "item_table": item_table},
                             tokenizer=tok.to_dict(), extra={"stage": stage, "epoch": epoch, "valid": res.metrics,
-                                                            "temperature": ft.temperature})
+                                                            "temperature": ft.temperature},
+                            **export_context(root, cfg.sequence))
         runtime.barrier()
         return broadcast_value(improved)
 

@@ -28,7 +28,7 @@ from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.model import build_encoder, encoder_tensors
-from jepa4rec_dist.model.checkpoint import save_export
+from jepa4rec_dist.model.checkpoint import export_context, save_export
 from jepa4rec_dist.model.jepa import LocalOps, PretrainModel, ema_momentum, ema_update, make_target_encoder
 from jepa4rec_dist.train.engine import TorchEngine, resolve_device, resolve_dtype, to_device
 from jepa4rec_dist.train.run import (
@@ -82,10 +82,12 @@ def data_for(cfg: Config, rank: int = 0, world: int = 1) -> tuple[TokenizerInfo,
     return tok, loader
 
 
-def export_model(model: PretrainModel, tok: TokenizerInfo, folder: Path, step: int, objective: str) -> Path:
+def export_model(model: PretrainModel, tok: TokenizerInfo, folder: Path, step: int, objective: str,
+                 context: dict | None = None) -> Path:
+    """`context`: item_text / sequence of the data (checkpoint.export_context), so the export encodes raw items."""
     enc = model.encoder
     return save_export(folder, enc.cfg, enc.pad_id, encoder_tensors(enc, model.mlm_head), tokenizer=tok.to_dict(),
-                       extra={"objective": objective, "step": step})
+                       extra={"objective": objective, "step": step}, **(context or {}))
 
 
 def _make_engine(model, cfg: Config, runtime: Runtime, device: torch.device):
@@ -202,7 +204,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
     zero_shot, live = None, None
     with engine.gathered(list(model.encoder.parameters()) + list(model.mlm_head.parameters())):
         if runtime.is_main:
-            export_model(model, tok, export, step, cfg.pretrain.objective)
+            export_model(model, tok, export, step, cfg.pretrain.objective,
+                         export_context(cfg.data.out_dir, cfg.sequence))
             if t.eval_at_end:  # copy the final weights out of the engine (ZeRO-3 hooks must not see the eval)
                 live = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     if live is not None:
