@@ -70,7 +70,10 @@ def item_table_from_dicts(items: list[dict], tokenizer, item_text: dict, ids: li
     toks = ItemTokenizer(tokenizer, item_text["max_attr_tokens"], item_text["max_attrs"]).encode(pairs)
     lengths = np.array([len(t.token_ids) for t in toks], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    cat = (lambda name, dt: np.concatenate([getattr(t, name) for t in toks]).astype(dt) if toks else np.zeros(0, dt))
+
+    def cat(name, dt):
+        return np.concatenate([getattr(t, name) for t in toks]).astype(dt) if toks else np.zeros(0, dt)
+
     return ItemTable(item_ids=list(ids) if ids else [str(i) for i in range(len(items))], domains=[""] * len(items),
                      offsets=offsets, token_ids=cat("token_ids", np.int32), token_types=cat("token_types", np.int8),
                      word_starts=cat("word_starts", bool))
