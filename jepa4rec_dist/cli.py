@@ -243,24 +243,38 @@ def cmd_compare(args, overrides: list[str]) -> int:
 
 
 def cmd_embed(args, overrides: list[str]) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Item vectors of an export to Parquet: a prepared catalogue (--data) or any item file (--items), with the
+    export's identity in the file's metadata (a later `recommend --vectors` checks it)."""
+    from jepa4rec_dist.serve import ExportModel, read_item_file, write_vectors
 
-    from jepa4rec_dist.eval.run import dataset, model_scorer
+    if bool(args.data) == bool(args.items):
+        raise ValueError("embed: give --data (a prepared catalogue) or --items (an item file), one of them")
+    if args.items:
+        from jepa4rec_dist.train.engine import resolve_device
 
-    cfg = _config(args, overrides, args.data)
-    _setup_logging(None, args.verbose)
-    _, tok, table = dataset(cfg)
-    emb = model_scorer(cfg, args.model, tok, table).table.float().cpu().numpy()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"item_index": list(range(table.num_items)), "item_id": table.item_ids,
-                             "embedding": pa.array(list(emb), type=pa.list_(pa.float32(), emb.shape[1]))}), out)
-    print(f"wrote {table.num_items:,} item embeddings of size {emb.shape[1]} to {out}")
+        model = ExportModel.load(args.model, resolve_device("auto"))
+        ids, dicts = read_item_file(args.items, args.id_column)
+        emb = model.encode_items(dicts, ids, progress=True).cpu().numpy()
+        identity = model.identity
+    else:
+        from jepa4rec_dist.eval.run import dataset, model_scorer
+        from jepa4rec_dist.hybrid.vectors import source_identity
+
+        cfg = _config(args, overrides, args.data)
+        _setup_logging(None, args.verbose)
+        _, tok, table = dataset(cfg)
+        emb = model_scorer(cfg, args.model, tok, table).table.float().cpu().numpy()
+        ids, identity = table.item_ids, source_identity(str(args.model))
+    out = write_vectors(args.out, ids, emb, identity)
+    print(f"wrote {len(ids):,} item embeddings of size {emb.shape[1]} to {out}")
     return 0
 
 
 def cmd_recommend(args, overrides: list[str]) -> int:
+    if args.vectors:
+        return _recommend_from_vectors(args)
+    if not args.data or not args.history:
+        raise ValueError("recommend: without --vectors, give --data and --history (the catalogue is encoded)")
     import pyarrow.parquet as pq
 
     from jepa4rec_dist.eval.run import dataset, model_scorer, recommend, resolve_items
@@ -280,6 +294,65 @@ def cmd_recommend(args, overrides: list[str]) -> int:
     for rank, (i, score) in enumerate(recs, start=1):
         text = "; ".join(f"{k}: {v}" for k, v in attrs[i].items() if v)
         print(f"{rank:>3}. {table.item_ids[i]:<20} {score:8.3f}  {text}")
+    return 0
+
+
+def _recommend_from_vectors(args) -> int:
+    """Top-k over a saved vector file: one history (--history), a user of a prepared split (--user), or a file of
+    histories (--histories, JSON lines in and out). Histories are encoded from the items' text (--data's catalogue
+    and --items files), candidates are the vector file's items (new items included)."""
+    import numpy as np
+
+    from jepa4rec_dist.serve import (
+        ExportModel,
+        ItemLookup,
+        read_histories,
+        read_item_file,
+        read_vectors,
+        top_k,
+        user_history,
+    )
+    from jepa4rec_dist.train.engine import resolve_device
+
+    given = [x for x in (args.history, args.user, args.histories) if x]
+    if len(given) != 1:
+        raise ValueError("recommend: give one of --history, --user, --histories")
+    model = ExportModel.load(args.model, resolve_device("auto"))
+    ids, vectors = [], []
+    for path in args.vectors:  # several files: their items together are the candidates
+        more, vecs = read_vectors(path, model.identity)
+        clash = set(ids) & set(more)
+        if clash:
+            raise ValueError(f"{path}: item ids also in an earlier vector file, e.g. {sorted(clash)[:3]}")
+        ids, vectors = ids + more, vectors + [vecs]
+    vectors = np.concatenate(vectors)
+    lookup = ItemLookup()
+    if args.data:
+        lookup.add_prepared(args.data)
+    for path in args.items or []:
+        lookup.add(*read_item_file(path, args.id_column))
+    if args.user:
+        if not args.data:
+            raise ValueError("recommend --user needs --data (the prepared splits hold the users)")
+        users = [(args.user, user_history(args.data, args.user, args.split))]
+    elif args.histories:
+        users = read_histories(args.histories)
+    else:
+        users = [("history", list(args.history))]
+    history_ids = [[lookup.resolve(n) for n in names] for _, names in users]
+    recs = top_k(model, [[lookup.attrs[i] for i in h] for h in history_ids], history_ids, ids, vectors, args.k,
+                 exclude_history=not args.include_history)
+    rows = [{"user": u, "history": h, "items": [{"rank": r + 1, "item_id": i, "score": s,
+                                                 "attributes": lookup.attrs.get(i)} for r, (i, s) in enumerate(rec)]}
+            for (u, _), h, rec in zip(users, history_ids, recs, strict=True)]
+    if args.json or args.histories:
+        print("\n".join(json.dumps(row) for row in rows))
+        return 0
+    for row in rows:
+        print(f"{row['user']}: history (oldest first) {row['history']}")
+        for item in row["items"]:
+            text = "; ".join(f"{k}: {v}" for k, v in (item["attributes"] or {}).items() if v and k != args.id_column)
+            print(f"{item['rank']:>3}. {item['item_id']:<20} {item['score']:8.3f}  {text}")
     return 0
 
 
@@ -396,17 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("embed", help="item embeddings of an export to Parquet")
-    p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")
+    p = sub.add_parser("embed", help="item vectors of an export to Parquet (a prepared catalogue or any item file)")
+    p.add_argument("--data", help="prepared directory (data.out_dir): its whole catalogue")
+    p.add_argument("--items", help="an item file (.jsonl, .csv, .parquet) with an id column and the export's "
+                                   "text attributes, e.g. items added after training")
+    p.add_argument("--id-column", default="item_id", help="the id column of --items (default item_id)")
     p.add_argument("--model", required=True, help="export directory")
-    p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--out", required=True, help="output .parquet (records the export's identity)")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("recommend", help="top-k items for a history of item ids or titles")
-    p.add_argument("--data", required=True, help="prepared directory (data.out_dir)")
+    p = sub.add_parser("recommend", help="top-k items for a history, a user, or a file of histories")
+    p.add_argument("--data", help="prepared directory (data.out_dir): its catalogue, and its users for --user")
     p.add_argument("--model", required=True, help="export directory")
-    p.add_argument("--history", nargs="+", required=True, help="item ids or titles, oldest first")
+    p.add_argument("--history", nargs="+", help="item ids or titles, oldest first")
+    p.add_argument("--user", help="a user id of the prepared data (--split, default test: all they did)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--histories", help="JSON lines {\"user\": ..., \"history\": [...]}: top-k for each, JSON lines "
+                                       "out (needs --vectors)")
+    p.add_argument("--vectors", action="append", help="a vector file of `jepa4rec embed` (checked against the "
+                                                      "export; repeatable): its items are the candidates, nothing is "
+                                                      "re-encoded")
+    p.add_argument("--items", action="append", help="item files whose items may appear in histories and results "
+                                                    "(repeatable)")
+    p.add_argument("--id-column", default="item_id", help="the id column of --items (default item_id)")
+    p.add_argument("--include-history", action="store_true", help="let items of the history be recommended")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")

@@ -224,7 +224,8 @@ def recommend(scorer: EncoderScorer, cfg: Config, tok: TokenizerInfo, table: Ite
     batch = pad_batch([enc], tok, cfg.sequence, cfg.sequence.max_items, prefix="history_")
     batch["history_items"] = [history]
     scores, items = top_k(scorer, batch, k, cfg.eval.item_chunk, exclude_history=True)
-    return list(zip(items[0].tolist(), scores[0].tolist(), strict=True))
+    # k past the catalogue less the history: the excluded items (score -inf) are not recommendations
+    return [(i, s) for i, s in zip(items[0].tolist(), scores[0].tolist(), strict=True) if s != float("-inf")]
 
 
 __all__ = ["dataset", "model_scorer", "Evaluated", "method_rows", "evaluate_method", "evaluate_rows", "format_table",

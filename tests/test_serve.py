@@ -1,0 +1,122 @@
+"""Models in users' hands: `jepa4rec embed` of any item file (items added after training included) into vector
+files that record the export's identity, and `jepa4rec recommend` over them for one history, a user of a prepared
+split, or a file of histories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jepa4rec_dist.cli import main
+from jepa4rec_dist.config import load_config
+from jepa4rec_dist.train.pretrain import pretrain
+
+TINY = ["--config", "configs/model/tiny.yaml"]
+
+
+@pytest.fixture(scope="module")
+def trained(uneven_dataset, tmp_path_factory):
+    root, _ = uneven_dataset
+    out = tmp_path_factory.mktemp("serve")
+    cfg = load_config([Path(TINY[1])], [f"--data.out_dir={root}", f"--train.output_dir={out / 'pre'}",
+                                        "--train.max_steps=2", "--loader.batch_size=4", "--loader.num_workers=0"])
+    export = pretrain(cfg, progress=False)["export"]
+    # two items written after training: one with exactly i3's text, one new text
+    attrs = dict(zip(*(pq.read_table(root / "items.parquet", columns=["item_id", "attributes"]).column(c).to_pylist()
+                       for c in ("item_id", "attributes")), strict=True))
+    new = out / "new_items.jsonl"
+    new.write_text(json.dumps({"item_id": "new-twin-of-i3", **attrs["i3"]}) + "\n"
+                   + json.dumps({"item_id": "new-lamp", "title": "a brand-new lamp", "brand": "brand9"}) + "\n")
+    assert main(["embed", *TINY, "--data", str(root), "--model", export, "--out", str(out / "catalogue.parquet")]) == 0
+    assert main(["embed", "--model", export, "--items", str(new), "--out", str(out / "new.parquet")]) == 0
+    return root, Path(export), out, new
+
+
+def _recommend(capsys, *argv):
+    capsys.readouterr()
+    assert main(["recommend", *argv, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_new_item_is_a_candidate_and_can_reach_the_top(trained, capsys):
+    root, export, out, new = trained
+    rows = _recommend(capsys, "--model", str(export), "--data", str(root), "--items", str(new),
+                      "--vectors", str(out / "catalogue.parquet"), "--vectors", str(out / "new.parquet"),
+                      "--history", "i3", "-k", "5")
+    items = rows[0]["items"]
+    # a one-item history encodes exactly as that item does: its text twin (cosine 1) comes first, i3 itself is
+    # excluded as history
+    assert items[0]["item_id"] == "new-twin-of-i3" and items[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert "i3" not in [i["item_id"] for i in items] and len(items) == 5
+    included = _recommend(capsys, "--model", str(export), "--data", str(root), "--items", str(new),
+                          "--vectors", str(out / "catalogue.parquet"), "--vectors", str(out / "new.parquet"),
+                          "--history", "i3", "-k", "2", "--include-history")
+    assert {i["item_id"] for i in included[0]["items"]} == {"i3", "new-twin-of-i3"}
+
+
+def test_vectors_path_scores_as_the_catalogue_path_and_batch_equals_single(trained, tmp_path, capsys):
+    root, export, out, _ = trained
+    histories = [["i3", "i7"], ["i11"], ["i5", "quiet river 1", "i20"]]
+    batch_file = tmp_path / "users.jsonl"
+    batch_file.write_text("".join(json.dumps({"user": f"u{n}", "history": h}) + "\n" for n, h in enumerate(histories)))
+    # k = the whole catalogue: the tiny model's scores are close together, so compare scores by item, not orders
+    base = ["--model", str(export), "--data", str(root), "--vectors", str(out / "catalogue.parquet"), "-k", "40"]
+    batch = _recommend(capsys, *base, "--histories", str(batch_file))
+    assert [r["user"] for r in batch] == ["u0", "u1", "u2"]
+    for n, h in enumerate(histories):
+        single = _recommend(capsys, *base, "--history", *h)[0]
+        assert single["history"] == batch[n]["history"] and len(single["items"]) == 40 - len(set(single["history"]))
+        want = {i["item_id"]: i["score"] for i in single["items"]}
+        assert {i["item_id"]: pytest.approx(i["score"], abs=1e-5) for i in batch[n]["items"]} == want
+        # the older path (the catalogue through the scorer; scores are cosine / temperature there)
+        capsys.readouterr()
+        assert main(["recommend", *TINY, "--data", str(root), "--model", str(export), "--history", *h, "-k", "40",
+                     "--json"]) == 0
+        old = json.loads(capsys.readouterr().out)
+        tau = load_config([Path(TINY[1])]).finetune.temperature
+        assert {r["item_id"]: pytest.approx(r["score"] * tau, abs=1e-5) for r in old} == want
+
+
+def test_user_of_a_prepared_split(trained, capsys):
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.shards import iter_records
+
+    root, export, out, _ = trained
+    record = next(iter(iter_records(root, "test")))
+    table = ItemTable.load(root)
+    rows = _recommend(capsys, "--model", str(export), "--data", str(root), "--vectors", str(out / "catalogue.parquet"),
+                      "--user", str(record["user"]), "-k", "3")
+    assert rows[0]["history"] == [table.item_ids[i] for i in record["items"]]
+    assert not set(rows[0]["history"]) & {i["item_id"] for i in rows[0]["items"]}
+    assert main(["recommend", "--model", str(export), "--data", str(root), "--vectors", str(out / "catalogue.parquet"),
+                 "--user", "nobody"]) == 2
+    assert "user 'nobody' is not in the test split" in capsys.readouterr().err
+
+
+def test_stale_vectors_and_bad_item_files_are_errors(trained, tmp_path, capsys):
+    import shutil
+
+    root, export, out, _ = trained
+    changed = tmp_path / "export"
+    shutil.copytree(export, changed)
+    meta = json.loads((changed / "config.json").read_text())
+    meta["step"] = meta.get("step", 0) + 1
+    (changed / "config.json").write_text(json.dumps(meta))
+    assert main(["recommend", "--model", str(changed), "--data", str(root), "--vectors", str(out / "catalogue.parquet"),
+                 "--history", "i3"]) == 2
+    assert "stale vectors" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "a", "title": "fine"}\n{"item_id": "b", "title": \n')
+    assert main(["embed", "--model", str(export), "--items", str(bad), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err
+    no_text = tmp_path / "no_text.csv"
+    no_text.write_text("item_id,colour\nz1,red\n")
+    assert main(["embed", "--model", str(export), "--items", str(no_text), "--out", str(tmp_path / "y.parquet")]) == 2
+    assert "item z1 has none of the attributes ['title', 'brand']" in capsys.readouterr().err
+    no_id = tmp_path / "no_id.csv"
+    no_id.write_text("id,title\nz1,red lamp\n")
+    assert main(["embed", "--model", str(export), "--items", str(no_id), "--out", str(tmp_path / "z.parquet")]) == 2
+    assert f"{no_id}:2: no 'item_id'" in capsys.readouterr().err
