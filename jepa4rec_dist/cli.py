@@ -262,7 +262,7 @@ def cmd_embed(args, overrides: list[str]) -> int:
 
         cfg = _config(args, overrides, args.data)
         _setup_logging(None, args.verbose)
-        _, tok, table = dataset(cfg)
+        _, tok, table = dataset(cfg, all_items=True)  # items without interactions too: candidates as well
         emb = model_scorer(cfg, args.model, tok, table).table.float().cpu().numpy()
         ids, identity = table.item_ids, source_identity(str(args.model))
     out = write_vectors(args.out, ids, emb, identity)
@@ -281,7 +281,7 @@ def cmd_recommend(args, overrides: list[str]) -> int:
 
     cfg = _config(args, overrides, args.data)
     _setup_logging(None, args.verbose)
-    root, tok, table = dataset(cfg)
+    root, tok, table = dataset(cfg, all_items=True)  # every catalogue item is a candidate
     history = resolve_items(root, table, args.history)
     scorer = model_scorer(cfg, args.model, tok, table, progress=False)
     attrs = pq.read_table(root / "items.parquet", columns=["attributes"]).column("attributes").to_pylist()

@@ -336,6 +336,10 @@ class EvalConfig:
     # `jepa4rec evaluate` scores the split's first N users only, in whole batches (null: all of them): for a
     # quick look (the CPU demo); every method of a table gets the same users, and the tables say how many
     max_users: int | None = None
+    # Rank the catalogue items no interaction refers to as well (text models score them from their text; ID
+    # models and baselines hold untrained rows for them, as for the new-items split). false: rated items only, as
+    # the published MovieLens tables rank.
+    rank_items_without_interactions: bool = False
 
     def validate(self, prefix: str) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):

@@ -12,7 +12,7 @@ from jepa4rec_dist.cli import main
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.data.items import ItemTable
 from jepa4rec_dist.data.prepare import prepare
-from jepa4rec_dist.data.shards import verify_dataset
+from jepa4rec_dist.data.shards import iter_records, verify_dataset
 
 
 def read_split(root, split):
@@ -58,8 +58,14 @@ def test_ml1m_counts(tmp_path):
     manifest = prepare(cfg, progress=False)
     assert (manifest["counts"]["users"], manifest["counts"]["items"]) == (6040, 3706)
     assert manifest["counts"]["interactions"] == 1_000_209
-    # 3,883 movies are listed, 177 never rated: counted, not silently dropped
-    assert manifest["skipped"]["counts"] == {"item_without_interactions": 177}
+    # 3,883 movies are listed, 177 never rated: kept as candidates after the rated ones, counted, and out of what
+    # training and the (published-comparable) evaluation see
+    assert manifest["counts"]["items_without_interactions"] == 177 and manifest["skipped"]["counts"] == {}
+    rated, every = ItemTable.load(tmp_path), ItemTable.load(tmp_path, all_items=True)
+    assert (rated.num_items, every.num_items) == (3706, 3883) and every.item_ids[:3706] == rated.item_ids
+    flags = pq.read_table(tmp_path / "items.parquet", columns=["interacted"]).column("interacted").to_pylist()
+    assert flags == [True] * 3706 + [False] * 177
+    assert max(max(r["items"]) for r in iter_records(tmp_path, "test")) < 3706
 
 
 def test_splits_and_stable_order_on_timestamp_ties(tmp_path):

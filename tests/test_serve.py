@@ -120,3 +120,48 @@ def test_stale_vectors_and_bad_item_files_are_errors(trained, tmp_path, capsys):
     no_id.write_text("id,title\nz1,red lamp\n")
     assert main(["embed", "--model", str(export), "--items", str(no_id), "--out", str(tmp_path / "z.parquet")]) == 2
     assert f"{no_id}:2: no 'item_id'" in capsys.readouterr().err
+
+
+def test_items_without_interactions_are_candidates_for_recommend_and_behind_a_switch_in_evaluation(tmp_path, capsys):
+    """A catalogue whose last 5 items nobody interacted with: kept (flagged, counted), never in training; always
+    candidates for `recommend`; ranked by `evaluate` only with eval.rank_items_without_interactions (text models
+    from their text, ID models with the untrained rows they hold for them)."""
+    import csv
+
+    from jepa4rec_dist.data.items import ItemTable
+    from jepa4rec_dist.data.prepare import prepare
+    from tests.conftest import write_generic
+
+    items, inter = write_generic(tmp_path / "raw", n_users=30, n_items=20)
+    with open(items, "a", newline="") as f:
+        csv.writer(f).writerows([[f"unrated{i}", f"green lamp {i}", "brand1"] for i in range(5)])
+    root = tmp_path / "prepared"
+    cfg = load_config(overrides=["--data.dataset=generic", f"--data.out_dir={root}", f"--data.generic.items={items}",
+                                 f"--data.generic.interactions={inter}", "--data.item_text.attributes=[title, brand]"])
+    manifest = prepare(cfg, progress=False)
+    assert (manifest["counts"]["items"], manifest["counts"]["items_without_interactions"]) == (20, 5)
+    assert ItemTable.load(root).num_items == 20 and ItemTable.load(root, all_items=True).item_ids[20:] == \
+        [f"unrated{i}" for i in range(5)]
+    export = pretrain(load_config([Path(TINY[1])], [f"--data.out_dir={root}", f"--train.output_dir={tmp_path / 'pre'}",
+                                                    "--train.max_steps=1", "--loader.batch_size=4",
+                                                    "--loader.num_workers=0"]), progress=False)["export"]
+    capsys.readouterr()
+    assert main(["recommend", *TINY, "--data", str(root), "--model", export, "--history", "i3", "-k", "30",
+                 "--json"]) == 0
+    old_path = {r["item_id"] for r in json.loads(capsys.readouterr().out)}
+    assert {f"unrated{i}" for i in range(5)} <= old_path and len(old_path) == 24
+    assert main(["embed", *TINY, "--data", str(root), "--model", export, "--out", str(tmp_path / "v.parquet")]) == 0
+    assert pq.read_table(tmp_path / "v.parquet").num_rows == 25
+    # evaluation: 20 items ranked by default, 25 with the switch (the export and SASRec alike)
+    from jepa4rec_dist.eval.ranks import read_ranks
+
+    flags = ["--loader.num_workers=0", "--baselines.sasrec.epochs=1", "--baselines.sasrec.hidden=8"]
+    worst = {}
+    for switch in ("false", "true"):
+        out = tmp_path / f"eval-{switch}" / "eval.json"
+        assert main(["evaluate", *TINY, "--data", str(root), "--model", export, "--baselines", "sasrec",
+                     "--out", str(out), *flags, f"--eval.rank_items_without_interactions={switch}"]) == 0
+        doc = json.loads(out.read_text())
+        worst[switch] = max(int(read_ranks(out.parent / m["ranks_file"]).columns["rank_history_included"].max())
+                            for m in doc["methods"])
+    assert worst["false"] <= 19 and 19 < worst["true"] <= 24  # more candidates: some target ranks past 19

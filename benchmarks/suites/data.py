@@ -176,7 +176,8 @@ def _raw_samples(cfg: Config, item_tok: ItemTokenizer, tok: TokenizerInfo):
     """(train samples, on-the-fly item table, collator), read from the raw files as `prepare` reads them."""
     skips = SkipLog(cfg.data.on_bad_record)
     raw = read_raw(cfg, skips)
-    catalogue, seqs = build_sequences(raw, skips)
+    catalogue, seqs, interacted = build_sequences(raw, skips)
+    catalogue = catalogue[:interacted]  # what the prepared table holds for training
     table = _OnTheFlyItems(raw, catalogue, item_tok)
     return split_samples(seqs, skips)["train"], table, _collator(cfg, table, tok)
 

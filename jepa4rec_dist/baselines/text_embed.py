@@ -31,7 +31,9 @@ def item_texts(root: str | Path, attributes: list[str] | None = None) -> list[st
     path = Path(root) / ITEMS_FILE
     if not path.is_file():
         raise ValueError(f"{path}: item table missing (run `jepa4rec prepare` first)")
-    rows = pq.read_table(path, columns=["attributes"]).column("attributes").to_pylist()
+    from jepa4rec_dist.data.items import interacted_count
+
+    rows = pq.read_table(path, columns=["attributes"]).column("attributes").to_pylist()[:interacted_count(path)]
     if attributes is not None:
         known = set(rows[0]) if rows else set()
         unknown = [a for a in attributes if a not in known]

@@ -1,5 +1,9 @@
 """`jepa4rec prepare`: raw files -> items.parquet + WebDataset shards + manifest.json.
 
+Catalogue items that no interaction refers to are kept (after all the others, flagged `interacted = False` in
+items.parquet, counted in the manifest): candidates for `jepa4rec recommend`, left out of training and, unless
+`eval.rank_items_without_interactions`, of evaluation (the MovieLens tables rank rated items only, as published).
+
 Steps: read (source-specific reader) -> drop interactions whose item has no metadata (counted) -> per
 user, stable sort by (timestamp, source row) (MovieLens has many ties) -> leave-one-out split (SPEC
 section 6) -> tokenise the catalogue once -> write shards -> manifest with counts, skips, shard sha256s,
@@ -61,8 +65,9 @@ def read_raw(cfg: Config, skips: readers.SkipLog) -> readers.RawDataset:
     raise ValueError(f"data.dataset: unknown dataset {data.dataset!r}")
 
 
-def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[list[str], Sequences]:
-    """Catalogue (item ids in metadata order, only items with interactions) and per-user sequences."""
+def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[list[str], Sequences, int]:
+    """Catalogue (item ids: those with interactions in metadata order, then those without, in metadata order),
+    per-user sequences, and how many items have interactions (the catalogue's first ones)."""
     known = raw.items
     keep = np.fromiter((i in known for i in raw.item_ids), dtype=bool, count=len(raw.item_ids))
     dropped = np.flatnonzero(~keep)
@@ -77,10 +82,10 @@ def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[li
     item_keys = [raw.item_ids[r] for r in rows]
     used = set(item_keys)
     catalogue = [i for i in known if i in used]
-    unused = len(known) - len(catalogue)
-    if unused:
-        skips.skip("item_without_interactions", raw.name,
-                   "items with metadata but no interaction are left out of the catalogue", n=unused)
+    interacted = len(catalogue)
+    # items with metadata but no interaction: kept (candidates for recommendation, e.g. items just added), after
+    # every item with interactions; training and evaluation leave them out unless asked (items.py)
+    catalogue += [i for i in known if i not in used]
     index_of = {item: i for i, item in enumerate(catalogue)}
     item_idx = np.fromiter((index_of[k] for k in item_keys), dtype=np.int64, count=len(rows))
     user_names, user_codes = np.unique(np.asarray([raw.users[r] for r in rows], dtype=object), return_inverse=True)
@@ -96,7 +101,7 @@ def build_sequences(raw: readers.RawDataset, skips: readers.SkipLog) -> tuple[li
         seqs.domains.append(raw.items[item_keys[group[0]]][0])
         seqs.items.append(item_idx[group])
         seqs.timestamps.append(ts[group])
-    return catalogue, seqs
+    return catalogue, seqs, interacted
 
 
 def choose_new_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
@@ -179,12 +184,12 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
 
     log.info("reading %s", cfg.data.dataset)
     raw = read_raw(cfg, skips)
-    catalogue, seqs = build_sequences(raw, skips)
+    catalogue, seqs, interacted = build_sequences(raw, skips)
     splits = split_samples(seqs, skips)
     new_items = None
     if cfg.data.new_items.fraction > 0:
-        held = choose_new_items(len(catalogue), cfg.data.new_items.fraction, cfg.data.new_items.seed)
-        removed = strip_new_items(splits["train"], held, len(catalogue), skips)
+        held = choose_new_items(interacted, cfg.data.new_items.fraction, cfg.data.new_items.seed)
+        removed = strip_new_items(splits["train"], held, interacted, skips)
         held_set = set(held.tolist())
         new_items = {"fraction": cfg.data.new_items.fraction, "seed": cfg.data.new_items.seed, "count": len(held),
                      "train_interactions_removed": removed,
@@ -198,7 +203,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
     item_tok = ItemTokenizer(tok, cfg.data.item_text.max_attr_tokens, cfg.data.item_text.max_attrs)
     tokens = tokenize_catalogue(raw, catalogue, item_tok, progress)
     write_items(root / ITEMS_FILE, catalogue, [raw.items[i][0] for i in catalogue], raw.attributes,
-                [raw.items[i][1] for i in catalogue], tokens)
+                [raw.items[i][1] for i in catalogue], tokens, interacted)
 
     per_shard = cfg.data.samples_per_shard
     shards = {}
@@ -223,7 +228,8 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
     token_lengths = np.asarray([len(t.token_ids) for t in tokens])
     counts = {
         "users": len(seqs.users),
-        "items": len(catalogue),
+        "items": interacted,  # what training and evaluation see (the shards' item indices are < this)
+        "items_without_interactions": len(catalogue) - interacted,  # in items.parquet, after those
         "interactions": int(sum(len(s) for s in seqs.items)),
         "splits": {
             split: {"sequences": len(samples),
@@ -247,9 +253,10 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
     save_config(cfg, root / "config.yaml")
-    log.info("prepared %s in %.1fs: %d users, %d items, %d interactions; skipped %s",
-             cfg.data.dataset, time.perf_counter() - t0, counts["users"], counts["items"],
-             counts["interactions"], dict(skips.counts) or "nothing")
+    log.info("prepared %s in %.1fs: %d users, %d items (+%d without interactions, kept as candidates), "
+             "%d interactions; skipped %s", cfg.data.dataset, time.perf_counter() - t0, counts["users"],
+             counts["items"], counts["items_without_interactions"], counts["interactions"],
+             dict(skips.counts) or "nothing")
     return manifest
 
 

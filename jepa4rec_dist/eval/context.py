@@ -79,7 +79,7 @@ class EvalContext:
     def build(cls, cfg) -> EvalContext:
         root = Path(cfg.data.out_dir)
         manifest = load_manifest(root)
-        table = ItemTable.load(root)
+        table = ItemTable.load(root, cfg.eval.rank_items_without_interactions)
         counts = item_counts(iter_records(root, "train"), table.num_items)
         held = (manifest.get("new_items") or {}).get("items")
         return cls(root, TokenizerInfo.from_dict(manifest["tokenizer"]), table, manifest, counts,

@@ -27,7 +27,7 @@ from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.buckets import setting_masks
 from jepa4rec_dist.eval.context import EvalContext, code_version
 from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult, protocol_name, top_k
-from jepa4rec_dist.eval.model_scorer import EncoderScorer
+from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.eval.ranks import slug, write_ranks
 from jepa4rec_dist.model import build_encoder
 from jepa4rec_dist.model.checkpoint import is_export, load_export
@@ -38,9 +38,13 @@ PROTOCOL_TITLES = {EXCLUDED: "history excluded (the user's earlier items are not
                    INCLUDED: "history included (every item is a candidate: RecFormer's code, RecBole's sequential models)"}
 
 
-def dataset(cfg: Config) -> tuple[Path, TokenizerInfo, ItemTable]:
+def dataset(cfg: Config, all_items: bool | None = None) -> tuple[Path, TokenizerInfo, ItemTable]:
+    """(root, tokenizer facts, item table): the items with interactions, or every catalogue item with `all_items`
+    (None: `eval.rank_items_without_interactions`)."""
     root = Path(cfg.data.out_dir)
-    return root, TokenizerInfo.from_dict(load_manifest(root)["tokenizer"]), ItemTable.load(root)
+    if all_items is None:
+        all_items = cfg.eval.rank_items_without_interactions
+    return root, TokenizerInfo.from_dict(load_manifest(root)["tokenizer"]), ItemTable.load(root, all_items)
 
 
 def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTable, progress: bool = True,
@@ -66,13 +70,23 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
     encoder, _, extra = build_encoder(replace(cfg.model, init_from=str(model_dir)), tok, with_head=False)
     encoder.to(device).eval()
     item_table = extra.get("item_table")
+    if item_table is not None and table.all_items and item_table.shape[0] < table.num_items:
+        # a finetuned table covers the items with interactions; the others (no interaction to finetune on) are
+        # encoded by the same encoder, as the table's rows were
+        from jepa4rec_dist.data.items import interacted_count
+
+        if item_table.shape[0] == interacted_count(Path(cfg.data.out_dir)):
+            rest = encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress,
+                                indices=np.arange(item_table.shape[0], table.num_items))
+            item_table = torch.cat([item_table.to(rest.device, rest.dtype), rest])
     if item_table is not None and item_table.shape[0] != table.num_items:
         raise ValueError(f"{model_dir}: item table has {item_table.shape[0]} rows, the dataset has {table.num_items} items")
     if item_table is None:  # the catalogue through this export: the item-vector cache (`hybrid.vectors`) when it
         # matches (the hybrid model over this export wrote it, or an earlier evaluation), else encoded and cached
         from jepa4rec_dist.hybrid.vectors import item_vectors
 
-        vectors, _ = item_vectors(cfg, cfg.data.out_dir, str(model_dir), progress, stale_ok=True)
+        vectors, _ = item_vectors(cfg, cfg.data.out_dir, str(model_dir), progress, stale_ok=True,
+                                  all_items=table.all_items)
         if vectors.shape[0] != table.num_items:
             raise ValueError(f"{model_dir}: item vectors have {vectors.shape[0]} rows, the dataset has {table.num_items} items")
         item_table = torch.from_numpy(vectors)
@@ -107,6 +121,10 @@ def method_rows(ctx: EvalContext, ev: Evaluated) -> list[dict]:
 def evaluate_method(cfg: Config, scorer, split: str = "test", progress: bool = True, seconds_fit: float = 0.0,
                     ctx: EvalContext | None = None, fit: dict | None = None, name: str | None = None) -> Evaluated:
     ctx = ctx or EvalContext.build(cfg)
+    if scorer.num_items != ctx.table.num_items:
+        raise ValueError(f"{name or scorer.name} scores {scorer.num_items} items, the evaluation ranks "
+                         f"{ctx.table.num_items} (eval.rank_items_without_interactions="
+                         f"{str(cfg.eval.rank_items_without_interactions).lower()}): a model sized for another catalogue")
     t0 = time.perf_counter()
     result = run_eval(cfg, scorer, ctx.root, ctx.tok, ctx.table, split, progress, max_users=cfg.eval.max_users,
                       exclude_history=ctx.exclude_history)

@@ -62,29 +62,34 @@ def source_identity(source: str) -> dict:
     return ident
 
 
-def cache_paths(root: str | Path, source: str) -> tuple[Path, Path]:
+def cache_paths(root: str | Path, source: str, all_items: bool = False) -> tuple[Path, Path]:
     import re
 
     name = "minilm" if source == "minilm" else re.sub(r"[^A-Za-z0-9._-]+", "-", str(Path(source).resolve())).strip("-")
-    base = Path(root) / CACHE_DIR / name[-120:]
+    base = Path(root) / CACHE_DIR / (name[-116:] + ("-all" if all_items else ""))
     return base.with_suffix(".npy"), base.with_suffix(".json")
 
 
-def identity(cfg, root: str | Path, source: str) -> dict:
+def identity(cfg, root: str | Path, source: str, all_items: bool = False) -> dict:
     """Everything the vectors depend on (compared field by field against a cache)."""
     from jepa4rec_dist.model.checkpoint import is_export
 
     pooling = cfg.model.pooling  # an export encodes with its own pooling (build_encoder takes its shape)
     if source != "minilm" and is_export(source):
         pooling = json.loads((Path(source) / "config.json").read_text())["model"].get("pooling", "cls")
-    return {**source_identity(source), "catalogue_sha256": sha256_file(Path(root) / ITEMS_FILE),
-            "pooling": pooling, "max_tokens": cfg.sequence.max_tokens,
-            "position_style": cfg.sequence.position_style}
+    ident = {**source_identity(source), "catalogue_sha256": sha256_file(Path(root) / ITEMS_FILE),
+             "pooling": pooling, "max_tokens": cfg.sequence.max_tokens,
+             "position_style": cfg.sequence.position_style}
+    if all_items:  # the items without interactions too (a key only then: earlier caches stay valid)
+        ident["all_items"] = True
+    return ident
 
 
-def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray_actors: int = 0) -> np.ndarray:
-    """(num_items, dim) float32 unit vectors of the catalogue at `root` through `source`."""
-    if ray_actors:
+def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray_actors: int = 0,
+                  all_items: bool = False) -> np.ndarray:
+    """(num_items, dim) float32 unit vectors of the catalogue at `root` through `source` (with `all_items`, the
+    items without interactions too)."""
+    if ray_actors and not all_items:
         from jepa4rec_dist.cluster.evaluate import ray_encode_items
 
         return ray_encode_items(replace(cfg, data=replace(cfg.data, out_dir=str(root))), source, ray_actors)
@@ -96,7 +101,7 @@ def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray
     from jepa4rec_dist.train.engine import resolve_device
 
     tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
-    table = ItemTable.load(root)
+    table = ItemTable.load(root, all_items)
     device = resolve_device(cfg.train.device)
     encoder, _, _ = build_encoder(replace(cfg.model, init_from=source), tok, with_head=False)
     encoder.to(device).eval()
@@ -106,11 +111,11 @@ def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray
 
 
 def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refresh: bool = False,
-                 ray_actors: int = 0, stale_ok: bool = False) -> tuple[np.ndarray, dict]:
+                 ray_actors: int = 0, stale_ok: bool = False, all_items: bool = False) -> tuple[np.ndarray, dict]:
     """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached.
     A stale cache is an error, unless `stale_ok` (evaluation: nothing was trained on it), which re-encodes."""
-    npy, meta_path = cache_paths(root, source)
-    want = identity(cfg, root, source)
+    npy, meta_path = cache_paths(root, source, all_items)
+    want = identity(cfg, root, source, all_items)
     if npy.is_file() and meta_path.is_file() and not refresh:
         have = json.loads(meta_path.read_text())
         stale = [k for k in want if k not in DESCRIPTIVE and have.get(k) != want[k]]
@@ -123,7 +128,7 @@ def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refr
                              f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
                              "or pass --hybrid.refresh_vectors=true")
         log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
-    vectors = encode_source(cfg, root, source, progress, ray_actors)
+    vectors = encode_source(cfg, root, source, progress, ray_actors, all_items)
     meta = {**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
     try:
         npy.parent.mkdir(parents=True, exist_ok=True)
