@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 SUITES = {"kernels": "benchmarks.suites.kernels", "train": "benchmarks.suites.train",
-          "data": "benchmarks.suites.data"}
+          "data": "benchmarks.suites.data", "ann": "benchmarks.suites.ann"}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEY_FIELDS = ("suite", "name", "provider", "shape", "dtype", "device")
@@ -289,6 +289,7 @@ _COLUMNS = {
     "tflops": ("TFLOP/s", lambda r: _fmt(r.get("tflops_per_s"), 3), False),
     "xfloor": ("x floor", lambda r: _fmt(r.get("x_floor"), 1), False),
     "graph": ("CUDA graph ms", lambda r: _fmt(r.get("graph_ms")), False),
+    "recall": ("recall@10", lambda r: _fmt(r.get("recall_at_10"), 4), False),
     "headroom": ("x step", lambda r: _fmt(r.get("headroom"), 1), False),
     "peak": ("peak MiB", lambda r: _mem(r.get("peak_mem_bytes")), True),
     "extra": ("extra MiB", lambda r: _mem(r.get("extra_mem_bytes")), True),
@@ -297,9 +298,9 @@ _COLUMNS = {
     "note": ("note", _note, True),
 }
 RUN_TABLE = ("name", "provider", "shape", "dtype", "median", "p20", "p80", "graph", "tokens", "sequences", "tflops",
-             "mfu", "xfloor", "headroom", "peak", "extra", "ok", "err", "note")
+             "mfu", "xfloor", "headroom", "recall", "peak", "extra", "ok", "err", "note")
 README_TABLE = ("name", "provider", "shape", "device", "dtype", "median", "tokens", "sequences", "mfu",
-                "headroom", "peak", "ok")
+                "headroom", "recall", "peak", "ok")
 
 
 def markdown_table(rows: list[dict], columns: tuple[str, ...] = RUN_TABLE) -> str:
@@ -359,6 +360,9 @@ SUITE_NOTES = {
              "`benchmarks/suites/_models.py`).",
     "data": "Shard streaming per DataLoader worker count against reading the raw files and tokenizing on "
             "the fly; `x step` = sequences/s delivered over sequences/s one pretraining step consumes.",
+    "ann": "Top-10 items for 1,000 queries over a clustered catalogue of unit vectors: exact matmul + topk "
+           "(`recommend --vectors`) against faiss HNSW and IVF indexes (`jepa4rec index`), recall@10 against "
+           "exact; one CPU thread.",
 }
 
 

@@ -271,7 +271,7 @@ def cmd_embed(args, overrides: list[str]) -> int:
 
 
 def cmd_recommend(args, overrides: list[str]) -> int:
-    if args.vectors:
+    if args.vectors or args.index:
         return _recommend_from_vectors(args)
     if not args.data or not args.history:
         raise ValueError("recommend: without --vectors, give --data and --history (the catalogue is encoded)")
@@ -317,15 +317,21 @@ def _recommend_from_vectors(args) -> int:
     given = [x for x in (args.history, args.user, args.histories) if x]
     if len(given) != 1:
         raise ValueError("recommend: give one of --history, --user, --histories")
+    if args.index and args.vectors:
+        raise ValueError("recommend: --index or --vectors, not both (an index names its vector file)")
     model = ExportModel.load(args.model, resolve_device("auto"))
-    ids, vectors = [], []
-    for path in args.vectors:  # several files: their items together are the candidates
+    index, ids, vectors = None, [], []
+    if args.index:
+        from jepa4rec_dist.serve import read_index
+
+        index, ids = read_index(args.index, model.identity)
+    for path in args.vectors or []:  # several files: their items together are the candidates
         more, vecs = read_vectors(path, model.identity)
         clash = set(ids) & set(more)
         if clash:
             raise ValueError(f"{path}: item ids also in an earlier vector file, e.g. {sorted(clash)[:3]}")
         ids, vectors = ids + more, vectors + [vecs]
-    vectors = np.concatenate(vectors)
+    vectors = np.concatenate(vectors) if vectors else None
     lookup = ItemLookup()
     if args.data:
         lookup.add_prepared(args.data)
@@ -340,8 +346,13 @@ def _recommend_from_vectors(args) -> int:
     else:
         users = [("history", list(args.history))]
     history_ids = [[lookup.resolve(n) for n in names] for _, names in users]
-    recs = top_k(model, [[lookup.attrs[i] for i in h] for h in history_ids], history_ids, ids, vectors, args.k,
-                 exclude_history=not args.include_history)
+    texts = [[lookup.attrs[i] for i in h] for h in history_ids]
+    if index is not None:
+        from jepa4rec_dist.serve import top_k_index
+
+        recs = top_k_index(model, texts, history_ids, index, ids, args.k, exclude_history=not args.include_history)
+    else:
+        recs = top_k(model, texts, history_ids, ids, vectors, args.k, exclude_history=not args.include_history)
     rows = [{"user": u, "history": h, "items": [{"rank": r + 1, "item_id": i, "score": s,
                                                  "attributes": lookup.attrs.get(i)} for r, (i, s) in enumerate(rec)]}
             for (u, _), h, rec in zip(users, history_ids, recs, strict=True)]
@@ -353,6 +364,18 @@ def _recommend_from_vectors(args) -> int:
         for item in row["items"]:
             text = "; ".join(f"{k}: {v}" for k, v in (item["attributes"] or {}).items() if v and k != args.id_column)
             print(f"{item['rank']:>3}. {item['item_id']:<20} {item['score']:8.3f}  {text}")
+    return 0
+
+
+def cmd_index(args, overrides: list[str]) -> int:
+    """An approximate top-k index over a vector file (faiss), with its recall@k against exact search."""
+    from jepa4rec_dist.serve import write_index
+
+    params = {"hnsw": dict(m=args.m, ef_search=args.ef_search), "ivf": dict(nprobe=args.nprobe)}[args.kind]
+    side = write_index(args.out, args.vectors, args.kind, queries=args.queries, k=args.recall_k, **params)
+    print(f"wrote {args.out} ({args.kind}, {side['num_items']:,} items, built in {side['build_seconds']} s): "
+          f"recall@{args.recall_k} {side[f'recall@{args.recall_k}']:.4f} against exact search on "
+          f"{side['recall_queries']} sampled items, {side['search_ms_per_query']:.3f} ms a query")
     return 0
 
 
@@ -493,11 +516,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", action="append", help="item files whose items may appear in histories and results "
                                                     "(repeatable)")
     p.add_argument("--id-column", default="item_id", help="the id column of --items (default item_id)")
+    p.add_argument("--index", help="an approximate index of `jepa4rec index` instead of --vectors (large catalogues)")
     p.add_argument("--include-history", action="store_true", help="let items of the history be recommended")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("index", help="approximate top-k index (faiss HNSW or IVF) over a vector file, with its "
+                       "recall@k against exact search")
+    p.add_argument("--vectors", required=True, help="a vector file of `jepa4rec embed`")
+    p.add_argument("--out", required=True, help="index file (a <out>.json sidecar is written beside it)")
+    p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    p.add_argument("--m", type=int, default=32, help="hnsw: links a node")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw: candidates a query")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf: cells searched a query")
+    p.add_argument("--queries", type=int, default=1000, help="sampled items the recall is measured on")
+    p.add_argument("--recall-k", type=int, default=10)
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("upgrade-export", help="make an older export a Hugging Face model folder (model_type, "
                        "tokenizer files, item sentence settings), in place")

@@ -240,5 +240,122 @@ def read_histories(path: str | Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# approximate top-k over large catalogues (faiss, optional: pip install 'jepa4rec-dist[ann]')
+# ---------------------------------------------------------------------------------------------------------
+INDEX_KINDS = ("hnsw", "ivf")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ValueError("approximate indexes need faiss: pip install faiss-cpu (the `ann` extra)") from exc
+    return faiss
+
+
+def build_index(vectors: np.ndarray, kind: str = "hnsw", m: int = 32, ef_construction: int = 200,
+                ef_search: int = 128, nlist: int | None = None, nprobe: int = 16):
+    """A faiss inner-product index over L2-normalised vectors (inner product = cosine). hnsw: a graph (M links a
+    node, efSearch candidates a query); ivf: k-means cells (nlist, default 4 sqrt(N)), nprobe searched a query."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(x)
+        index.hnsw.efSearch = ef_search
+        return index
+    if kind == "ivf":
+        nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))  # faiss wants >= 39 training points a cell
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        index.nprobe = min(nprobe, nlist)
+        return index
+    raise ValueError(f"index kind {kind!r}: one of {INDEX_KINDS}")
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) item rows of the exact top-k by inner product (the reference an index is measured against)."""
+    scores = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ torch.from_numpy(
+        np.ascontiguousarray(vectors, dtype=np.float32)).T
+    return torch.topk(scores, min(k, vectors.shape[0]), dim=1).indices.numpy()
+
+
+def recall_at_k(exact: np.ndarray, approx: np.ndarray) -> float:
+    """Mean share of each query's exact top-k that the approximate top-k found."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(e.tolist()) & set(a.tolist())) / k for e, a in zip(exact, approx, strict=True)]))
+
+
+def write_index(path: str | Path, vectors_path: str | Path, kind: str = "hnsw", queries: int = 1000, k: int = 10,
+                seed: int = 0, **params) -> dict:
+    """Build an index over a vector file, write it (faiss) and its sidecar `<path>.json` (the vector file it
+    indexes, with sha256, the export identity, the parameters and the measured recall@k against exact search on
+    `queries` sampled item vectors). Returns the sidecar."""
+    import time
+
+    from jepa4rec_dist.data.shards import sha256_file
+
+    faiss = _faiss()
+    vectors_path = Path(vectors_path)
+    ids, vectors = read_vectors(vectors_path)
+    identity = json.loads((pq.read_schema(vectors_path).metadata or {}).get(META_KEY, b"{}"))
+    t0 = time.perf_counter()
+    index = build_index(vectors, kind, **params)
+    built = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)]
+    t0 = time.perf_counter()
+    _, approx = index.search(np.ascontiguousarray(sample), min(k, len(ids)))
+    searched = time.perf_counter() - t0
+    recall = recall_at_k(exact_top_k(vectors, sample, k), approx)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(path))
+    side = {"kind": kind, "params": params, "vectors": str(vectors_path.resolve()),
+            "vectors_sha256": sha256_file(vectors_path), "export": identity, "num_items": len(ids),
+            "dim": int(vectors.shape[1]), f"recall@{k}": recall, "recall_queries": len(sample),
+            "build_seconds": round(built, 3), "search_ms_per_query": 1e3 * searched / max(1, len(sample))}
+    Path(f"{path}.json").write_text(json.dumps(side, indent=1))
+    return side
+
+
+def read_index(path: str | Path, identity: dict | None = None):
+    """(faiss index, item ids) of an index written by `write_index`; its vector file must be unchanged and (with
+    `identity`) written by that export as it is now."""
+    from jepa4rec_dist.data.shards import sha256_file
+
+    path, side_path = Path(path), Path(f"{path}.json")
+    if not path.is_file() or not side_path.is_file():
+        raise ValueError(f"{path}: no index here (or no {side_path.name} beside it): build one with `jepa4rec index`")
+    side = json.loads(side_path.read_text())
+    vectors_path = Path(side["vectors"])
+    if not vectors_path.is_file() or sha256_file(vectors_path) != side["vectors_sha256"]:
+        raise ValueError(f"{path}: its vector file {vectors_path} is gone or changed since the index was built: "
+                         "build the index again")
+    ids, _ = read_vectors(vectors_path, identity)
+    return _faiss().read_index(str(path)), ids
+
+
+def top_k_index(model: ExportModel, histories: list[list[dict]], history_ids: list[list[str]], index, ids: list[str],
+                k: int, exclude_history: bool = True, batch_size: int = 256) -> list[list[tuple]]:
+    """`top_k` through an approximate index: k + (history length) neighbours searched, the history dropped."""
+    out = []
+    extra = max(len(h) for h in history_ids) if exclude_history else 0
+    for lo in range(0, len(histories), batch_size):
+        states = model.encode_histories(histories[lo:lo + batch_size]).cpu().numpy()
+        scores, rows = index.search(np.ascontiguousarray(states, dtype=np.float32), min(k + extra, len(ids)))
+        for srow, irow, seen in zip(scores, rows, history_ids[lo:lo + batch_size], strict=True):
+            seen = set(seen) if exclude_history else set()
+            picked = [(ids[int(i)], float(sc)) for sc, i in zip(srow, irow, strict=True)
+                      if i >= 0 and ids[int(i)] not in seen]
+            out.append(picked[:k])
+    return out
+
+
 __all__ = ["read_item_file", "ExportModel", "write_vectors", "read_vectors", "top_k", "ItemLookup", "user_history",
-           "read_histories"]
+           "read_histories", "INDEX_KINDS", "build_index", "exact_top_k", "recall_at_k", "write_index", "read_index",
+           "top_k_index"]

@@ -40,7 +40,9 @@ def test_every_suite_writes_json_lines_a_table_and_a_plot(smoke):
         md = (out / f"{suite}-cpu.md").read_text()
         assert md.startswith(f"# {suite} on ") and "| name | provider | shape |" in md
         assert f"suite={suite}" in stdout
-    assert stdout.count("| name | provider | shape | dtype | median ms |") == 3  # the printed tables
+    assert stdout.count("| name | provider | shape | dtype | median ms |") == 4  # the printed tables
+    ann = {r["provider"]: r for r in rows["ann"]}  # smoke: exact and one HNSW setting, recall against exact
+    assert ann["exact"]["recall_at_10"] == 1.0 and 0.9 <= ann["hnsw[ef=32]"]["recall_at_10"] <= 1.0
 
 
 def test_rows_follow_one_schema(smoke):
