@@ -15,7 +15,7 @@ from benchmarks.harness import PERF_END, PERF_START, ROW_KEYS, read_jsonl
 from benchmarks.run import main
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("kernels", "train", "data")
+SUITES = ("kernels", "train", "data", "ann")
 
 
 def run_cli(*args, timeout=600):
