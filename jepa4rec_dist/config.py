@@ -67,8 +67,29 @@ class AmazonConfig:
 
 
 @dataclass
+class Amazon2023Config:
+    """Amazon Reviews 2023: `<Cat>.jsonl` (reviews: user_id, parent_asin, timestamp in ms) and `meta_<Cat>.jsonl`
+    (items by parent_asin), plain or .gz, in one directory."""
+
+    dir: str | None = None
+    categories: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecBoleConfig:
+    """RecBole atomic files `<dir>/<name>.inter` and `<dir>/<name>.item` (tab-separated, `name:type` headers); the
+    text attributes are `.item` column names without their type (`data.item_text.attributes`)."""
+
+    dir: str | None = None
+    name: str | None = None
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    time_column: str = "timestamp"
+
+
+@dataclass
 class GenericConfig:
-    """Any interactions table (user, item, timestamp) plus an items table, Parquet or CSV."""
+    """Any interactions table (user, item, timestamp) plus an items table: Parquet, CSV, TSV or JSON lines."""
 
     interactions: str | None = None
     items: str | None = None
@@ -92,7 +113,7 @@ class NewItemsConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "amazon", "generic"] = "ml-100k"
+    dataset: Literal["ml-100k", "ml-1m", "amazon", "amazon2023", "recbole", "generic"] = "ml-100k"
     out_dir: str = "runs/data/ml-100k"
     samples_per_shard: int = 1000
     # What to do with a malformed record (bad JSON line, non-UTF-8 bytes, missing field):
@@ -100,8 +121,13 @@ class DataConfig:
     on_bad_record: Literal["skip", "error"] = "skip"
     item_text: ItemTextConfig = field(default_factory=ItemTextConfig)
     amazon: AmazonConfig = field(default_factory=AmazonConfig)
+    amazon2023: Amazon2023Config = field(default_factory=Amazon2023Config)
+    recbole: RecBoleConfig = field(default_factory=RecBoleConfig)
     generic: GenericConfig = field(default_factory=GenericConfig)
     new_items: NewItemsConfig = field(default_factory=NewItemsConfig)
+    # k-core filter: repeatedly drop the interactions of users and of items with fewer than k of them until none
+    # is left (counted in the manifest; items it leaves without interactions stay candidates); null: none
+    k_core: int | None = None
 
     def validate(self, prefix: str) -> None:
         _positive(self.samples_per_shard, f"{prefix}.samples_per_shard")
@@ -109,6 +135,16 @@ class DataConfig:
         self.new_items.validate(f"{prefix}.new_items")
         if self.dataset == "amazon" and (not self.amazon.dir or not self.amazon.categories):
             raise ValueError(f"{prefix}.amazon.dir and {prefix}.amazon.categories are required for dataset 'amazon'")
+        if self.dataset == "amazon2023" and (not self.amazon2023.dir or not self.amazon2023.categories):
+            raise ValueError(f"{prefix}.amazon2023.dir and {prefix}.amazon2023.categories are required for dataset "
+                             "'amazon2023'")
+        if self.dataset == "recbole":
+            if not self.recbole.dir or not self.recbole.name:
+                raise ValueError(f"{prefix}.recbole.dir and {prefix}.recbole.name are required for dataset 'recbole'")
+            if not self.item_text.attributes:
+                raise ValueError(f"{prefix}.item_text.attributes must name .item columns for dataset 'recbole'")
+        if self.k_core is not None:
+            _positive(self.k_core, f"{prefix}.k_core")
         if self.dataset == "generic":
             if not self.generic.interactions or not self.generic.items:
                 raise ValueError(

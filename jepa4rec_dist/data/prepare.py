@@ -60,6 +60,10 @@ def read_raw(cfg: Config, skips: readers.SkipLog) -> readers.RawDataset:
         return readers.read_movielens(data.dataset, skips, attrs)
     if data.dataset == "amazon":
         return readers.read_amazon(data.amazon.dir, data.amazon.categories, skips, attrs)
+    if data.dataset == "amazon2023":
+        return readers.read_amazon2023(data.amazon2023.dir, data.amazon2023.categories, skips, attrs)
+    if data.dataset == "recbole":
+        return readers.read_recbole(data.recbole, skips, attrs)
     if data.dataset == "generic":
         return readers.read_generic(data.generic, skips, attrs)
     raise ValueError(f"data.dataset: unknown dataset {data.dataset!r}")
@@ -184,6 +188,8 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
 
     log.info("reading %s", cfg.data.dataset)
     raw = read_raw(cfg, skips)
+    if cfg.data.k_core:
+        raw = readers.k_core(raw, cfg.data.k_core, skips)
     catalogue, seqs, interacted = build_sequences(raw, skips)
     splits = split_samples(seqs, skips)
     new_items = None

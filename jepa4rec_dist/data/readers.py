@@ -1,4 +1,5 @@
-"""Raw readers: MovieLens (installed RecBole packages), Amazon Reviews 2018, and a generic table pair.
+"""Raw readers: MovieLens (installed RecBole packages), Amazon Reviews 2018 and 2023, RecBole atomic files, and a
+generic table pair (Parquet, CSV, TSV or JSON lines); plus the k-core filter `prepare` applies after reading.
 
 Each reader returns a `RawDataset`: the item catalogue (id -> ordered text attributes, in the source's
 order) and the interactions (user, item, timestamp, source row). Nothing is lost silently: every record
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MOVIELENS_ATTRIBUTES = ["title", "genres", "year"]
 AMAZON_ATTRIBUTES = ["title", "brand", "category"]
+AMAZON2023_ATTRIBUTES = ["title", "store", "main_category"]
 MAX_EXAMPLES_PER_REASON = 5
 
 
@@ -236,24 +238,168 @@ def read_amazon(directory: str | Path, categories: list[str], skips: SkipLog, at
     return raw
 
 
+def _first_existing(directory: Path, names: list[str], what: str) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ValueError(f"{what}: none of {names} in {directory}")
+
+
+def read_amazon2023(directory: str | Path, categories: list[str], skips: SkipLog,
+                    attributes: list[str] | None = None) -> RawDataset:
+    """Amazon Reviews 2023 (McAuley Lab): `meta_<Cat>.jsonl` (items keyed by `parent_asin`; any field can be an
+    attribute: lists such as `categories` or `features` are joined) and `<Cat>.jsonl` (reviews: `user_id`,
+    `parent_asin`, `timestamp` in milliseconds, kept as is: only the order matters), plain or .gz. One sequence
+    per (user, category), as for 2018."""
+    directory = Path(directory)
+    attributes = list(attributes or AMAZON2023_ATTRIBUTES)
+    raw = RawDataset(name="amazon2023", attributes=attributes)
+    for cat in categories:
+        meta_path = _first_existing(directory, [f"meta_{cat}.jsonl", f"meta_{cat}.jsonl.gz"], "data.amazon2023")
+        review_path = _first_existing(directory, [f"{cat}.jsonl", f"{cat}.jsonl.gz"], "data.amazon2023")
+        raw.sources += [str(meta_path), str(review_path)]
+        for lineno, rec in _json_lines(meta_path, skips):
+            where = f"{meta_path}:{lineno}"
+            asin = rec.get("parent_asin")
+            if not isinstance(asin, str) or not asin:
+                skips.bad("missing_asin", where, "record has no 'parent_asin'")
+                continue
+            values = {a: _clean(rec.get(a)) for a in attributes}
+            if "title" in attributes and not values["title"]:
+                skips.bad("missing_title", where, f"item {asin!r} has a missing or empty title")
+                continue
+            if asin in raw.items:
+                skips.skip("duplicate_item", where, f"item {asin!r} already read; first metadata kept")
+                continue
+            raw.items[asin] = (cat, {a: v for a, v in values.items() if v})
+        for lineno, rec in _json_lines(review_path, skips):
+            where = f"{review_path}:{lineno}"
+            user, asin, ts = rec.get("user_id"), rec.get("parent_asin"), rec.get("timestamp")
+            missing = [k for k, v in (("user_id", user), ("parent_asin", asin), ("timestamp", ts)) if v in (None, "")]
+            if missing:
+                skips.bad("missing_field", where, f"review lacks {', '.join(missing)}")
+                continue
+            if isinstance(ts, bool) or not isinstance(ts, int | float):
+                skips.bad("bad_timestamp", where, f"timestamp {ts!r} is not a number")
+                continue
+            raw.add_interaction(f"{cat}:{user}", str(asin), int(ts))
+    return raw
+
+
 # --------------------------------------------------------------------------------------------------------
-# Generic: interactions table + items table (Parquet or CSV)
+# RecBole atomic files (any dataset in RecBole's format)
 # --------------------------------------------------------------------------------------------------------
 
 
-def _read_table(path: Path, columns: list[str], what: str):
+def read_recbole(cfg, skips: SkipLog, attributes: list[str]) -> RawDataset:
+    """`cfg` is `data.recbole`: `<dir>/<name>.item` (text attributes by column name; a `token_seq` value is its
+    space-separated text, a `float` loses a trailing .0) and `<dir>/<name>.inter` (user, item, timestamp)."""
+    folder = Path(cfg.dir)
+    item_path, inter_path = folder / f"{cfg.name}.item", folder / f"{cfg.name}.inter"
+    for path in (item_path, inter_path):
+        if not path.is_file():
+            raise ValueError(f"data.recbole: file {path} not found")
+    raw = RawDataset(name=cfg.name, attributes=list(attributes), sources=[str(item_path), str(inter_path)])
+    header = next(iter_text_lines(item_path, skips), (0, ""))[1].split("\t")
+    types = {h.split(":")[0]: (h.split(":") + ["token"])[1] for h in header}
+    missing = [c for c in [cfg.item_column, *attributes] if c not in types]
+    if missing:
+        raise ValueError(f"{item_path}: no column(s) {missing} (has {sorted(types)})")
+    for lineno, row in _iter_atomic(item_path, skips):
+        where, item_id = f"{item_path}:{lineno}", row[cfg.item_column]
+        values = {a: _clean(row[a]) for a in attributes}  # a token_seq as its space-separated text
+        values = {a: (v[:-2] if types[a] == "float" and v.endswith(".0") else v) for a, v in values.items()}
+        if not any(values.values()):
+            skips.bad("missing_text", where, f"item {item_id!r} has no text in {attributes}")
+            continue
+        if item_id in raw.items:
+            skips.bad("duplicate_item", where, f"item {item_id!r} listed twice; first kept")
+            continue
+        raw.items[item_id] = (cfg.name, {a: v for a, v in values.items() if v})
+    header = next(iter_text_lines(inter_path, skips), (0, ""))[1].split("\t")
+    missing = [c for c in (cfg.user_column, cfg.item_column, cfg.time_column) if c not in {h.split(":")[0] for h in header}]
+    if missing:
+        raise ValueError(f"{inter_path}: no column(s) {missing} (has {[h.split(':')[0] for h in header]})")
+    for lineno, row in _iter_atomic(inter_path, skips):
+        try:
+            ts = int(float(row[cfg.time_column]))
+        except ValueError:
+            skips.bad("bad_timestamp", f"{inter_path}:{lineno}", f"timestamp {row[cfg.time_column]!r} is not a number")
+            continue
+        raw.add_interaction(row[cfg.user_column], row[cfg.item_column], ts)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------------
+# k-core
+# --------------------------------------------------------------------------------------------------------
+
+
+def k_core(raw: RawDataset, k: int, skips: SkipLog) -> RawDataset:
+    """Keep the interactions whose user and item both have >= k of them among the kept ones (iterated to a fixed
+    point). Only interactions with items that have metadata count (the others are dropped anyway). The removed
+    interactions are counted per reason in the skip log; items left without interactions stay in the catalogue."""
+    import numpy as np
+
+    known = np.fromiter((i in raw.items for i in raw.item_ids), dtype=bool, count=len(raw.item_ids))
+    _, users = np.unique(np.asarray(raw.users, dtype=object), return_inverse=True)
+    _, items = np.unique(np.asarray(raw.item_ids, dtype=object), return_inverse=True)
+    keep = known.copy()
+    removed = {"k_core_user": 0, "k_core_item": 0}
+    while True:
+        user_n = np.bincount(users[keep], minlength=users.max() + 1 if len(users) else 0)
+        low_user = keep & (user_n[users] < k)
+        removed["k_core_user"] += int(low_user.sum())
+        keep &= ~low_user
+        item_n = np.bincount(items[keep], minlength=items.max() + 1 if len(items) else 0)
+        low_item = keep & (item_n[items] < k)
+        removed["k_core_item"] += int(low_item.sum())
+        keep &= ~low_item
+        if not low_user.any() and not low_item.any():
+            break
+    for reason, n in removed.items():
+        if n:
+            skips.skip(reason, raw.name, f"interactions removed by the {k}-core filter "
+                                         f"({'users' if reason.endswith('user') else 'items'} with < {k})", n=n)
+    rows = np.flatnonzero(keep | ~known)  # interactions without metadata are left to the usual (counted) drop
+    raw.users = [raw.users[r] for r in rows]
+    raw.item_ids = [raw.item_ids[r] for r in rows]
+    raw.timestamps = [raw.timestamps[r] for r in rows]
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generic: interactions table + items table (Parquet, CSV, TSV or JSON lines)
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Columns(dict):
+    """Columns of JSON-lines records, read as a table's `to_pydict()` would be."""
+
+    def to_pydict(self) -> dict:
+        return self
+
+
+def _read_table(path: Path, columns: list[str], what: str, skips: SkipLog | None = None):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     if not path.is_file():
         raise ValueError(f"data.generic.{what}: file {path} not found")
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        # JSON lines through our line reader: a bad line is an error naming it, or a counted skip
+        records = [rec for _, rec in _json_lines(path, skips or SkipLog())]
+        missing = [c for c in columns if not any(c in r for r in records)]
+        if missing:
+            raise ValueError(f"{path}: no record has field(s) {missing}")
+        return _Columns({c: [r.get(c) for r in records] for c in columns})  # values as parsed, any types
     if path.suffix == ".parquet":
         table = pq.read_table(path)
     elif path.suffix in (".csv", ".tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
         table = pacsv.read_csv(path, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     else:
-        raise ValueError(f"data.generic.{what}: {path} must end in .parquet, .csv or .tsv")
+        raise ValueError(f"data.generic.{what}: {path} must end in .parquet, .csv, .tsv or .jsonl")
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
@@ -264,7 +410,7 @@ def read_generic(cfg, skips: SkipLog, attributes: list[str]) -> RawDataset:
     """`cfg` is the `data.generic` section; `attributes` the text columns of the items table, in order."""
     items_path, inter_path = Path(cfg.items), Path(cfg.interactions)
     raw = RawDataset(name="generic", attributes=list(attributes), sources=[str(items_path), str(inter_path)])
-    items = _read_table(items_path, [cfg.items_id_column, *attributes], "items").to_pydict()
+    items = _read_table(items_path, [cfg.items_id_column, *attributes], "items", skips).to_pydict()
     # Row numbers are 1-based data rows (a CSV's header is line 1, so data row r is on line r + 1).
     for r, item_id in enumerate(items[cfg.items_id_column], start=1):
         where = f"{items_path} row {r}"
@@ -284,7 +430,7 @@ def read_generic(cfg, skips: SkipLog, attributes: list[str]) -> RawDataset:
             continue
         raw.items[key] = ("generic", {a: v for a, v in values.items() if v})
     cols = [cfg.user_column, cfg.item_column, cfg.time_column]
-    inter = _read_table(inter_path, cols, "interactions").to_pydict()
+    inter = _read_table(inter_path, cols, "interactions", skips).to_pydict()
     for r, (user, item, ts) in enumerate(zip(*(inter[c] for c in cols), strict=True), start=1):
         where = f"{inter_path} row {r}"
         if user is None or item is None or ts is None:
