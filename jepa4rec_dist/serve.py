@@ -192,6 +192,8 @@ class ItemLookup:
             title = d.get("title")
             if title:
                 self.titles.setdefault(str(title).lower(), []).append(i)
+                if d.get("year"):  # "Heat (1995)": MovieLens keeps the year as its own attribute
+                    self.titles.setdefault(f"{title} ({d['year']})".lower(), []).append(i)
         return self
 
     def add_prepared(self, root: str | Path) -> ItemLookup:

@@ -212,13 +212,16 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
 
 
 def resolve_items(root: Path, table: ItemTable, names: list[str]) -> list[int]:
-    """Item ids or titles (case-insensitive) -> item indices; unknown or ambiguous names are errors."""
+    """Item ids or titles (case-insensitive; "Title (Year)" where items have a year) -> item indices; unknown or
+    ambiguous names are errors."""
     by_id = {item_id: i for i, item_id in enumerate(table.item_ids)}
     titles: dict[str, list[int]] = {}
     attrs = pq.read_table(root / ITEMS_FILE, columns=["attributes"]).column("attributes").to_pylist()
     for i, a in enumerate(attrs):
         if a.get("title"):
             titles.setdefault(a["title"].lower(), []).append(i)
+            if a.get("year"):  # "Heat (1995)": MovieLens keeps the year as its own attribute
+                titles.setdefault(f"{a['title']} ({a['year']})".lower(), []).append(i)
     out = []
     for name in names:
         if name in by_id:
