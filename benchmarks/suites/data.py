@@ -45,7 +45,12 @@ from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
 from jepa4rec_dist.data.prepare import build_sequences, prepare, read_raw, split_samples
 from jepa4rec_dist.data.readers import SkipLog
 from jepa4rec_dist.data.shards import iter_records, load_manifest
-from jepa4rec_dist.data.tokenization import ItemTokenizer, TokenizerInfo, load_tokenizer
+from jepa4rec_dist.data.tokenization import (
+    ItemTokenizer,
+    TokenizerInfo,
+    load_tokenizer,
+    resolve_tokenizer_name,
+)
 from jepa4rec_dist.train.engine import to_device
 
 SHAPES = {
@@ -183,7 +188,8 @@ def _raw_samples(cfg: Config, item_tok: ItemTokenizer, tok: TokenizerInfo):
 
 
 def _raw_row(ctx: Context, cfg: Config, root: Path, tok: TokenizerInfo, shape: dict, epochs: dict) -> dict:
-    item_tok = ItemTokenizer(load_tokenizer(cfg.tokenizer.name), cfg.data.item_text.max_attr_tokens,
+    item_tok = ItemTokenizer(load_tokenizer(resolve_tokenizer_name(cfg.tokenizer.name, cfg.model.init_from)),
+                             cfg.data.item_text.max_attr_tokens,
                              cfg.data.item_text.max_attrs)
     batch_size = cfg.loader.batch_size
     counts: list[tuple[int, int]] = []

@@ -37,7 +37,12 @@ from jepa4rec_dist.config import Config, config_to_dict, save_config
 from jepa4rec_dist.data import readers
 from jepa4rec_dist.data.items import ITEMS_FILE, write_items
 from jepa4rec_dist.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, shard_info_dicts, write_shard
-from jepa4rec_dist.data.tokenization import ItemTokenizer, TokenizerInfo, load_tokenizer
+from jepa4rec_dist.data.tokenization import (
+    ItemTokenizer,
+    TokenizerInfo,
+    load_tokenizer,
+    resolve_tokenizer_name,
+)
 
 log = logging.getLogger(__name__)
 TOKENIZE_BATCH = 2048
@@ -204,8 +209,11 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
         log.info("new items: %d held out (%d train interactions removed; %d test targets are new)",
                  len(held), removed, new_items["test_targets"])
 
-    tok = load_tokenizer(cfg.tokenizer.name)
-    info = TokenizerInfo.from_tokenizer(cfg.tokenizer.name, tok)
+    tok_name = resolve_tokenizer_name(cfg.tokenizer.name, cfg.model.init_from)
+    if tok_name != cfg.tokenizer.name:
+        log.info("tokenizer: %s (tokenizer.name=auto, from model.init_from=%s)", tok_name, cfg.model.init_from)
+    tok = load_tokenizer(tok_name)
+    info = TokenizerInfo.from_tokenizer(tok_name, tok)
     item_tok = ItemTokenizer(tok, cfg.data.item_text.max_attr_tokens, cfg.data.item_text.max_attrs)
     tokens = tokenize_catalogue(raw, catalogue, item_tok, progress)
     write_items(root / ITEMS_FILE, catalogue, [raw.items[i][0] for i in catalogue], raw.attributes,

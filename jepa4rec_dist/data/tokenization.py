@@ -76,8 +76,35 @@ def build_roberta_tokenizer():
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def resolve_tokenizer_name(name: str, init_from: str | None) -> str:
+    """`tokenizer.name` as prepared: "auto" is the tokenizer of the model the data is for (`model.init_from`): an
+    export's recorded tokenizer, a Hugging Face folder's own tokenizer files; "minilm" otherwise."""
+    if name != "auto":
+        return name
+    if not init_from or init_from == "minilm":
+        return "minilm"
+    folder = Path(init_from)
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("format") == "jepa4rec-encoder" and meta.get("tokenizer"):
+            return meta["tokenizer"]["name"]
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return str(folder)
+    return "minilm"
+
+
 def load_tokenizer(name: str):
     """A HF fast tokenizer by our short name or from a local directory; never touches the hub."""
+    if name == "auto":
+        raise ValueError("tokenizer.name 'auto' must be resolved against model.init_from first "
+                         "(resolve_tokenizer_name)")
     if name == "roberta":
         return build_roberta_tokenizer()
     from transformers import AutoTokenizer
