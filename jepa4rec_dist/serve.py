@@ -34,17 +34,8 @@ def read_item_file(path: str | Path, id_column: str = "item_id") -> tuple[list[s
     rows: list[tuple[str, dict]] = []
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{n}: not a JSON object")
-                rows.append((_id(record, id_column, f"{path}:{n}"), record))
+        for n, record in _json_records(path):
+            rows.append((_id(record, id_column, f"{path}:{n}"), record))
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             for n, record in enumerate(csv.DictReader(f), start=2):
@@ -62,6 +53,21 @@ def read_item_file(path: str | Path, id_column: str = "item_id") -> tuple[list[s
             raise ValueError(f"{path}: item id {i!r} appears more than once")
         seen.add(i)
     return ids, [r for _, r in rows]
+
+
+def _json_records(path: str | Path):
+    """(line number, object) of a JSON-lines file; a line that is not a JSON object is an error naming it."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            yield n, record
 
 
 def _id(record: dict, column: str, where: str) -> str:
@@ -227,18 +233,11 @@ def user_history(root: str | Path, user: str, split: str = "test") -> list[str]:
 def read_histories(path: str | Path) -> list[tuple[str, list[str]]]:
     """JSON lines {"user": ..., "history": [item id or title, ...]} (oldest first) -> [(user, names)]."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from exc
-            history = record.get("history") if isinstance(record, dict) else None
-            if not isinstance(history, list) or not history:
-                raise ValueError(f"{path}:{n}: needs a non-empty list 'history'")
-            out.append((str(record.get("user", n)), [str(h) for h in history]))
+    for n, record in _json_records(path):
+        history = record.get("history")
+        if not isinstance(history, list) or not history:
+            raise ValueError(f"{path}:{n}: needs a non-empty list 'history'")
+        out.append((str(record.get("user", n)), [str(h) for h in history]))
     return out
 
 

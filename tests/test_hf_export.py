@@ -167,9 +167,8 @@ def test_tokenizer_auto_takes_the_checkpoint_folders_own_tokenizer(tmp_path, exp
     assert resolve_tokenizer_name("auto", str(export[0])) == "minilm"  # what the export records
     assert resolve_tokenizer_name("auto", None) == resolve_tokenizer_name("auto", "minilm") == "minilm"
     assert resolve_tokenizer_name("roberta", str(ckpt)) == "roberta"  # an explicit name wins
-    from tests.conftest import write_generic
-
     from jepa4rec_dist.data.prepare import prepare
+    from tests.conftest import write_generic
 
     items, inter = write_generic(tmp_path / "raw", n_users=12)
     cfg = load_config(overrides=["--data.dataset=generic", f"--data.out_dir={tmp_path / 'p'}",

@@ -209,33 +209,44 @@ def read_amazon(directory: str | Path, categories: list[str], skips: SkipLog, at
         for path in (meta_path, review_path):
             if not path.is_file():
                 raise ValueError(f"data.amazon: file {path} not found (category {cat!r})")
-        raw.sources += [str(meta_path), str(review_path)]
-        for lineno, rec in _json_lines(meta_path, skips):
-            where = f"{meta_path}:{lineno}"
-            asin = rec.get("asin")
-            if not isinstance(asin, str) or not asin:
-                skips.bad("missing_asin", where, "record has no 'asin'")
-                continue
-            values = {a: _clean(rec.get(a)) for a in attributes}
-            if "title" in attributes and not values["title"]:
-                skips.bad("missing_title", where, f"item {asin!r} has a missing or empty title")
-                continue
-            if asin in raw.items:
-                skips.skip("duplicate_item", where, f"item {asin!r} already read; first metadata kept")
-                continue
-            raw.items[asin] = (cat, {a: v for a, v in values.items() if v})
-        for lineno, rec in _json_lines(review_path, skips):
-            where = f"{review_path}:{lineno}"
-            user, asin, ts = rec.get("reviewerID"), rec.get("asin"), rec.get("unixReviewTime")
-            missing = [k for k, v in (("reviewerID", user), ("asin", asin), ("unixReviewTime", ts)) if v in (None, "")]
-            if missing:
-                skips.bad("missing_field", where, f"review lacks {', '.join(missing)}")
-                continue
-            if isinstance(ts, bool) or not isinstance(ts, int | float):
-                skips.bad("bad_timestamp", where, f"unixReviewTime {ts!r} is not a number")
-                continue
-            raw.add_interaction(f"{cat}:{user}", str(asin), int(ts))
+        _amazon_category(raw, cat, meta_path, review_path, attributes, skips, AMAZON_2018_KEYS)
     return raw
+
+
+AMAZON_2018_KEYS = dict(item="asin", user="reviewerID", review_item="asin", time="unixReviewTime")
+AMAZON_2023_KEYS = dict(item="parent_asin", user="user_id", review_item="parent_asin", time="timestamp")
+
+
+def _amazon_category(raw: RawDataset, cat: str, meta_path: Path, review_path: Path, attributes: list[str],
+                     skips: SkipLog, keys: dict) -> None:
+    """One category's metadata and reviews into `raw` (the 2018 and 2023 files differ only in field names)."""
+    raw.sources += [str(meta_path), str(review_path)]
+    for lineno, rec in _json_lines(meta_path, skips):
+        where = f"{meta_path}:{lineno}"
+        asin = rec.get(keys["item"])
+        if not isinstance(asin, str) or not asin:
+            skips.bad("missing_asin", where, f"record has no {keys['item']!r}")
+            continue
+        values = {a: _clean(rec.get(a)) for a in attributes}
+        if "title" in attributes and not values["title"]:
+            skips.bad("missing_title", where, f"item {asin!r} has a missing or empty title")
+            continue
+        if asin in raw.items:
+            skips.skip("duplicate_item", where, f"item {asin!r} already read; first metadata kept")
+            continue
+        raw.items[asin] = (cat, {a: v for a, v in values.items() if v})
+    for lineno, rec in _json_lines(review_path, skips):
+        where = f"{review_path}:{lineno}"
+        fields = [(keys[k], rec.get(keys[k])) for k in ("user", "review_item", "time")]
+        missing = [name for name, v in fields if v in (None, "")]
+        if missing:
+            skips.bad("missing_field", where, f"review lacks {', '.join(missing)}")
+            continue
+        (_, user), (_, asin), (_, ts) = fields
+        if isinstance(ts, bool) or not isinstance(ts, int | float):
+            skips.bad("bad_timestamp", where, f"{keys['time']} {ts!r} is not a number")
+            continue
+        raw.add_interaction(f"{cat}:{user}", str(asin), int(ts))
 
 
 def _first_existing(directory: Path, names: list[str], what: str) -> Path:
@@ -257,32 +268,7 @@ def read_amazon2023(directory: str | Path, categories: list[str], skips: SkipLog
     for cat in categories:
         meta_path = _first_existing(directory, [f"meta_{cat}.jsonl", f"meta_{cat}.jsonl.gz"], "data.amazon2023")
         review_path = _first_existing(directory, [f"{cat}.jsonl", f"{cat}.jsonl.gz"], "data.amazon2023")
-        raw.sources += [str(meta_path), str(review_path)]
-        for lineno, rec in _json_lines(meta_path, skips):
-            where = f"{meta_path}:{lineno}"
-            asin = rec.get("parent_asin")
-            if not isinstance(asin, str) or not asin:
-                skips.bad("missing_asin", where, "record has no 'parent_asin'")
-                continue
-            values = {a: _clean(rec.get(a)) for a in attributes}
-            if "title" in attributes and not values["title"]:
-                skips.bad("missing_title", where, f"item {asin!r} has a missing or empty title")
-                continue
-            if asin in raw.items:
-                skips.skip("duplicate_item", where, f"item {asin!r} already read; first metadata kept")
-                continue
-            raw.items[asin] = (cat, {a: v for a, v in values.items() if v})
-        for lineno, rec in _json_lines(review_path, skips):
-            where = f"{review_path}:{lineno}"
-            user, asin, ts = rec.get("user_id"), rec.get("parent_asin"), rec.get("timestamp")
-            missing = [k for k, v in (("user_id", user), ("parent_asin", asin), ("timestamp", ts)) if v in (None, "")]
-            if missing:
-                skips.bad("missing_field", where, f"review lacks {', '.join(missing)}")
-                continue
-            if isinstance(ts, bool) or not isinstance(ts, int | float):
-                skips.bad("bad_timestamp", where, f"timestamp {ts!r} is not a number")
-                continue
-            raw.add_interaction(f"{cat}:{user}", str(asin), int(ts))
+        _amazon_category(raw, cat, meta_path, review_path, attributes, skips, AMAZON_2023_KEYS)
     return raw
 
 
