@@ -106,11 +106,12 @@ def cmd_stream(args, overrides: list[str]) -> int:
     from jepa4rec_dist.data.collate import Collator
     from jepa4rec_dist.data.items import ItemTable
     from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
+    from jepa4rec_dist.data.remote import normalize
     from jepa4rec_dist.data.shards import load_manifest
     from jepa4rec_dist.data.tokenization import TokenizerInfo
 
     cfg = load_config(args.config, [f"--data.out_dir={args.data}", *overrides])
-    root = Path(cfg.data.out_dir)
+    root = normalize(cfg.data.out_dir)  # a local folder or an http(s) URL
     _setup_logging(None, args.verbose)
     manifest = load_manifest(root)
     tok = TokenizerInfo.from_dict(manifest["tokenizer"])

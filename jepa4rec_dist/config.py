@@ -419,9 +419,16 @@ class LoaderConfig:
     # Each sequence this many times per epoch, every copy with its own sampled pair and mask (key suffix
     # "#k"): more training pairs per pass over small datasets.
     repeat: int = 1
+    # Where shards are read from, with {path} = the shard's manifest path: e.g. "pipe:aws s3 cp
+    # s3://bucket/data/{path} -" or "https://cdn.example.com/data/{path}" (null: under data.out_dir, which may
+    # itself be an http(s):// URL; jepa4rec_dist/data/remote.py)
+    shard_url: str | None = None
 
     def validate(self, prefix: str) -> None:
         _positive(self.batch_size, f"{prefix}.batch_size")
+        if self.shard_url is not None and "{path}" not in self.shard_url:
+            raise ValueError(f"{prefix}.shard_url must contain {{path}} (the shard's manifest path), got "
+                             f"{self.shard_url!r}")
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 0:

@@ -65,8 +65,16 @@ class ItemTable:
 
     @classmethod
     def load(cls, root: str | Path, all_items: bool = False) -> ItemTable:
-        """The items with interactions (what the shards refer to), or with `all_items` every catalogue item."""
-        path = Path(root) / ITEMS_FILE
+        """The items with interactions (what the shards refer to), or with `all_items` every catalogue item. A remote
+        root's items.parquet is downloaded once into the local cache (jepa4rec_dist/data/remote.py)."""
+        from jepa4rec_dist.data import remote
+
+        if remote.is_remote(root):
+            from jepa4rec_dist.data.shards import load_manifest
+
+            path = remote.local_file(root, ITEMS_FILE, load_manifest(root).get("items_sha256"))
+        else:
+            path = Path(remote.normalize(root)) / ITEMS_FILE
         if not path.is_file():
             raise ValueError(f"{path}: item table missing (run `jepa4rec prepare` first)")
         try:

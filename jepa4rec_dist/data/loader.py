@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jepa4rec_dist.config import LoaderConfig
 from jepa4rec_dist.data.collate import Collator
+from jepa4rec_dist.data.remote import normalize, shard_location
 from jepa4rec_dist.data.shards import ShardInfo, check_shards, load_manifest, shard_infos
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class ReaderPlan:
     """What one logical reader (a rank's worker) reads in one epoch."""
 
-    shards: list[str]  # absolute paths, read in this order
+    shards: list[str]  # absolute paths or URLs (`pipe:` commands too), read in this order
     expected: list[int]  # samples per shard, from the manifest
     stride: int  # keep the samples whose ordinal o over `shards` has o % stride == offset
     offset: int
@@ -57,8 +58,8 @@ class ReaderPlan:
         return len(range(self.offset, sum(self.expected), self.stride)) * self.repeat
 
 
-def plan_readers(infos: list[ShardInfo], root: Path, rank: int, world: int, workers: int,
-                 seed: int, epoch: int, shuffle: bool, repeat: int = 1) -> list[ReaderPlan]:
+def plan_readers(infos: list[ShardInfo], root, rank: int, world: int, workers: int,
+                 seed: int, epoch: int, shuffle: bool, repeat: int = 1, shard_url: str | None = None) -> list[ReaderPlan]:
     order = list(range(len(infos)))
     if shuffle:
         order = list(np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(infos)))
@@ -72,7 +73,8 @@ def plan_readers(infos: list[ShardInfo], root: Path, rank: int, world: int, work
             sel, s, f = mine[w::workers], 1, 0
         else:  # sample-level inside the rank: the rank's k-th sample goes to worker k % workers
             sel, s, f = mine, stride * workers, offset + stride * w
-        plans.append(ReaderPlan([str(root / infos[i].path) for i in sel], [infos[i].samples for i in sel], s, f, repeat))
+        plans.append(ReaderPlan([shard_location(root, infos[i].path, shard_url) for i in sel],
+                                [infos[i].samples for i in sel], s, f, repeat))
     return plans
 
 
@@ -187,7 +189,7 @@ class ShardLoader:
                  rank: int = 0, world_size: int = 1, shuffle: bool | None = None, mode: str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"loader: rank {rank} outside world of {world_size}")
-        self.root, self.split, self.cfg, self.collator = Path(root), split, cfg, collator
+        self.root, self.split, self.cfg, self.collator = normalize(root), split, cfg, collator
         self.rank, self.world = rank, world_size
         self.shuffle = (split == "train") if shuffle is None else shuffle
         self.mode = mode or cfg.mode
@@ -206,7 +208,7 @@ class ShardLoader:
     def _plans(self, epoch: int, rank: int | None = None) -> list[ReaderPlan]:
         rank = self.rank if rank is None else rank
         return plan_readers(self.infos, self.root, rank, self.world, self.workers, self.cfg.seed, epoch, self.shuffle,
-                            self.cfg.repeat)
+                            self.cfg.repeat, self.cfg.shard_url)
 
     def _counts(self, plans: list[ReaderPlan]) -> list[int]:
         if self.mode == "fixed":

@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 from jepa4rec_dist.config import Config, config_to_dict, save_config
 from jepa4rec_dist.data import readers
 from jepa4rec_dist.data.items import ITEMS_FILE, write_items
-from jepa4rec_dist.data.shards import FORMAT_VERSION, MANIFEST, SPLITS, shard_info_dicts, write_shard
+from jepa4rec_dist.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    sha256_file,
+    shard_info_dicts,
+    write_shard,
+)
 from jepa4rec_dist.data.tokenization import (
     ItemTokenizer,
     TokenizerInfo,
@@ -263,6 +270,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
         "skipped": skips.to_dict(),
         "shards": shards,
         "new_items": new_items,
+        "items_sha256": sha256_file(root / ITEMS_FILE),  # a remote reader checks its cached copy against it
         "config": config_to_dict(cfg),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))

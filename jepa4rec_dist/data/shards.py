@@ -97,12 +97,20 @@ def count_samples(path: Path) -> int:
 
 
 def load_manifest(root: str | Path) -> dict:
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"{path}: no manifest (run `jepa4rec prepare --out {root}` first)")
+    """The manifest of a prepared folder: a local path, or a URL (jepa4rec_dist/data/remote.py)."""
+    from jepa4rec_dist.data import remote
+
+    if remote.is_remote(root):
+        path = remote.join(root, MANIFEST)
+        text = remote.read_bytes(path).decode("utf-8")
+    else:
+        root = Path(remote.normalize(root))
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ValueError(f"{path}: no manifest (run `jepa4rec prepare --out {root}` first)")
+        text = path.read_text()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     for key in ("format_version", "shards", "counts", "tokenizer", "attributes"):
@@ -120,8 +128,16 @@ def shard_infos(manifest: dict, split: str) -> list[ShardInfo]:
 
 
 def check_shards(root: str | Path, manifest: dict, split: str, checksums: bool = False, count: bool = False) -> None:
-    """Every shard of `split` exists and matches the manifest (size; sha256 and sample count on request)."""
-    root = Path(root)
+    """Every shard of `split` exists and matches the manifest (size; sha256 and sample count on request). For a
+    remote root the shards are streamed for sha256 / counts (sizes and existence are checked while reading)."""
+    from jepa4rec_dist.data import remote
+
+    if remote.is_remote(root):
+        for info in shard_infos(manifest, split):
+            if checksums or count:
+                _check_remote_shard(remote.join(root, info.path), info, split, checksums, count)
+        return
+    root = Path(remote.normalize(root))
     for info in shard_infos(manifest, split):
         path = root / info.path
         if not path.is_file():
@@ -137,6 +153,24 @@ def check_shards(root: str | Path, manifest: dict, split: str, checksums: bool =
                 raise ValueError(f"{path}: {n} samples, manifest says {info.samples} (shards.{split})")
 
 
+def _check_remote_shard(url: str, info: ShardInfo, split: str, checksums: bool, count: bool) -> None:
+    from jepa4rec_dist.data import remote
+
+    data = remote.read_bytes(url)
+    if len(data) != info.bytes:
+        raise ValueError(f"{url}: {len(data)} bytes, manifest says {info.bytes} (shards.{split})")
+    if checksums and hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ValueError(f"{url}: sha256 differs from the manifest (shards.{split}): shard changed or corrupt")
+    if count:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+                n = len({m.name.rsplit(".", 1)[0] for m in tar if m.isreg()})
+        except (tarfile.TarError, EOFError) as exc:
+            raise ValueError(f"{url}: corrupt or truncated tar shard ({exc})") from exc
+        if n != info.samples:
+            raise ValueError(f"{url}: {n} samples, manifest says {info.samples} (shards.{split})")
+
+
 def verify_dataset(root: str | Path) -> dict:
     """Full check of a prepared directory (the `jepa4rec verify` command): returns samples per split."""
     manifest = load_manifest(root)
@@ -149,11 +183,12 @@ def verify_dataset(root: str | Path) -> dict:
 
 def iter_records(root: str | Path, split: str):
     """Every sequence record of a split, in shard order, without collation (baselines, statistics)."""
-    root = Path(root)
+    from jepa4rec_dist.data import remote
+
     for info in shard_infos(load_manifest(root), split):
-        path = root / info.path
+        path = remote.join(root, info.path)
         try:
-            with tarfile.open(path, "r|") as tar:
+            with remote.open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if member.isreg() and member.name.endswith(".json"):
                         record = json.loads(tar.extractfile(member).read())

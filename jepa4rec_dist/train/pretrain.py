@@ -25,6 +25,7 @@ from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.collate import Collator
 from jepa4rec_dist.data.items import ItemTable
 from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
+from jepa4rec_dist.data.remote import normalize
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.model import build_encoder, encoder_tensors
@@ -75,7 +76,7 @@ def build_pretrain_model(cfg: Config, tok: TokenizerInfo) -> PretrainModel:
 
 
 def data_for(cfg: Config, rank: int = 0, world: int = 1) -> tuple[TokenizerInfo, ShardLoader]:
-    root = Path(cfg.data.out_dir)
+    root = normalize(cfg.data.out_dir)  # a local folder or an http(s) URL (data/remote.py)
     tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
     collator = Collator(ItemTable.load(root), tok, cfg.sequence, cfg.pretrain.masking, "pretrain", seed=cfg.loader.seed)
     loader = ShardLoader(root, "train", replace(cfg.loader, mode="fixed"), collator, rank=rank, world_size=world)
@@ -226,7 +227,7 @@ def _zero_shot(cfg: Config, encoder, tok: TokenizerInfo, device, split: str, pro
     from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
     from jepa4rec_dist.train.finetune import run_eval
 
-    root = Path(cfg.data.out_dir)
+    root = normalize(cfg.data.out_dir)
     table = ItemTable.load(root)
     was_training = encoder.training
     items = encode_items(encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress)
