@@ -415,10 +415,12 @@ def load_manifest_tokenizer(root) -> str:
 
 def cmd_ds_config(args, overrides: list[str]) -> int:
     """The DeepSpeed JSON that `launch/pretrain.py` derives from the typed config (for inspection)."""
-    from jepa4rec_dist.train.distributed import OptimSpec, deepspeed_config
+    from jepa4rec_dist.train.distributed import OptimSpec, deepspeed_config, user_deepspeed_json
 
     cfg = _config(args, overrides)
-    print(json.dumps(deepspeed_config(OptimSpec.pretraining(cfg), args.world, bf16=args.bf16), indent=2))
+    print(json.dumps(deepspeed_config(OptimSpec.pretraining(cfg), args.world, bf16=args.bf16,
+                                      fp16=cfg.train.precision == "fp16",
+                                      user=user_deepspeed_json(cfg.train.deepspeed_config)), indent=2))
     return 0
 
 

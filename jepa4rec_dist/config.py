@@ -282,7 +282,8 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     grad_accum: int = 1
     clip_norm: float = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA, fp32 on CPU; fp16: autocast with dynamic loss scaling (GPUs without bf16)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -290,6 +291,9 @@ class TrainConfig:
     keep_last: int = 2
     freeze_word_embeddings: bool = True  # RecFormer froze them in pretraining
     zero_stage: int = 2  # DeepSpeed ZeRO stage (0-3) when launched with `deepspeed`
+    # a DeepSpeed JSON of your own, merged over the one generated from this config (yours wins key by key, nested
+    # sections merged): offload, bucket sizes, overlap_comm, ... The merged JSON is written to the run folder.
+    deepspeed_config: str | None = None
     collective_timeout_s: int = 600  # a rank that stops answering fails the job after this, never a hang
     cpu_threads: int | None = None  # torch threads per process on CPU; null = cores // local processes
     tensorboard: bool = True

@@ -88,13 +88,29 @@ def reference_losses(root, ds_out, zero=2):
     return losses, model
 
 
+USER_DS = {"steps_per_print": 1, "zero_optimization": {"reduce_bucket_size": 50000000, "overlap_comm": False}}
+
+
 @pytest.fixture(scope="module")
 def runs(uneven_dataset, tmp_path_factory):
-    root, _ = uneven_dataset
-    base = tmp_path_factory.mktemp("ds")
+    root, base = uneven_dataset[0], tmp_path_factory.mktemp("ds")
+    # ZeRO-1 also carries a DeepSpeed JSON of the user's own (merged over ours; changes no math)
+    (base / "user-ds.json").write_text(json.dumps(USER_DS))
     for zero in (1, 2, 3):
-        launch(root, base / f"z{zero}", zero, "--train.eval_at_end=test")
+        extra = [f"--train.deepspeed_config={base / 'user-ds.json'}"] if zero == 1 else []
+        launch(root, base / f"z{zero}", zero, "--train.eval_at_end=test", *extra)
     return root, base
+
+
+def test_the_users_deepspeed_json_reaches_the_engine(runs):
+    _, base = runs
+    merged = json.loads((base / "z1" / "deepspeed_config.json").read_text())
+    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 50000000, "overlap_comm": False}
+    assert merged["steps_per_print"] == 1 and merged["train_batch_size"] == 8  # ours kept where not overridden
+    # what the engine itself ran with: DeepSpeed stores its config in every checkpoint it writes
+    saved = torch.load(base / "z1" / "checkpoints" / "step-0000006" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["ds_config"]
+    assert saved["zero_optimization"] == merged["zero_optimization"] and saved["steps_per_print"] == 1
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])

@@ -154,3 +154,42 @@ def test_finetune_resumes_at_stage_2_after_a_finished_stage_1(uneven_dataset, tm
         n = len(rows(tmp_path / "ft"))
         finetune(cfg(tmp_path / "ft", "--finetune.stage2_epochs=0", *extra), progress=False)
         assert [(r["stage"], r["epoch"]) for r in rows(tmp_path / "ft")[n:] if "valid_ndcg@10" in r] == [(1, 0), (1, 1), (1, 2)]
+
+
+def test_fp16_pretraining_with_loss_scaling_trains_and_resumes(uneven_dataset, tmp_path):
+    """train.precision=fp16: fp16 autocast with dynamic loss scaling (CPU here; the same path as on a GPU without
+    bf16): finite losses that fall, the scaler's state in the checkpoint, and an exact resume."""
+    import torch
+
+    root, _ = uneven_dataset
+    full = pretrain(pretrain_cfg(root, tmp_path / "fp16", "--train.precision=fp16", "--loader.num_workers=0"),
+                    progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert full["step"] == 6 and all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e4 for r in rows)
+    state = torch.load(tmp_path / "fp16" / "checkpoints" / "step-0000006" / "engine.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0 and "skipped_steps" in state
+    crash = tmp_path / "crash"
+    shutil.copytree(tmp_path / "fp16", crash)
+    shutil.rmtree(crash / "checkpoints" / "step-0000006")
+    shutil.rmtree(crash / "export")
+    lines = (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()
+    (crash / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:3]))
+    pretrain(pretrain_cfg(root, crash, "--train.precision=fp16", "--loader.num_workers=0"), progress=False)
+    resumed = [json.loads(x) for x in (crash / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
+
+
+def test_deepspeed_json_merge_and_bad_files(tmp_path):
+    from jepa4rec_dist.train.distributed import OptimSpec, deepspeed_config, user_deepspeed_json
+
+    spec = OptimSpec(1e-3, 0.0, 0, 10, 1.0, 4, 1, 2)
+    user = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "gradient_clipping": 0.5}
+    merged = deepspeed_config(spec, 2, bf16=False, fp16=True, user=user)
+    assert merged["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert merged["gradient_clipping"] == 0.5 and merged["fp16"]["enabled"] and merged["train_batch_size"] == 8
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"train.deepspeed_config: {bad} is not valid JSON"):
+        user_deepspeed_json(str(bad))
+    with pytest.raises(ValueError, match="not found"):
+        user_deepspeed_json(str(tmp_path / "missing.json"))

@@ -1,7 +1,9 @@
 """Submitting and following Ray jobs, and the bodies of the Ray entry points.
 
 `submit(address, entrypoint)` uses Ray's job submission client: it submits, streams the job's logs as
-they come, and returns the job's exit status as a process exit code (0 succeeded, 1 failed, 2 stopped).
+they come (`tail_job_logs`), and returns the job's exit status as a process exit code (0 succeeded, 1 failed,
+2 stopped). Clusters started with token authentication (RAY_AUTH_MODE=token) get the token from the
+environment (RAY_AUTH_TOKEN) or ~/.ray/auth_token.
 """
 
 from __future__ import annotations
@@ -47,28 +49,38 @@ def ray_pretrain_main(args, overrides: list[str]) -> int:
 
 def submit(address: str, entrypoint: str, working_dir: str | None = None, follow: bool = True,
            env: dict | None = None, poll_s: float = 1.0, out=None) -> int:
-    """Submit `entrypoint` to the Ray cluster at `address`; with `follow`, stream logs and wait."""
+    """Submit `entrypoint` to the Ray cluster at `address`; with `follow`, stream logs and wait.
+
+    Logs are followed through Ray's `tail_job_logs` (a websocket: each line once, as it is written). On a cluster
+    with token authentication (RAY_AUTH_MODE=token), the client sends the token Ray finds (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); without it the cluster refuses the submission (an error here)."""
+    import asyncio
+
     from ray.job_submission import JobSubmissionClient
 
     out = out or sys.stdout
-    client = JobSubmissionClient(address)
-    runtime_env = {}
-    if working_dir:
-        runtime_env["working_dir"] = working_dir
-    if env:
-        runtime_env["env_vars"] = env
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
+    try:
+        client = JobSubmissionClient(address)
+        runtime_env = {}
+        if working_dir:
+            runtime_env["working_dir"] = working_dir
+        if env:
+            runtime_env["env_vars"] = env
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
+    except (RuntimeError, ConnectionError, PermissionError) as exc:  # refused (auth), unreachable, bad request
+        raise ValueError(f"submit to {address}: {str(exc).strip().splitlines()[0][:300]}") from exc
     print(f"submitted {job_id} to {address}", file=out, flush=True)
     if not follow:
         return 0
-    shown = 0
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())  # returns once the job has ended
     while True:
         status = str(client.get_job_status(job_id)).split(".")[-1]
-        logs = client.get_job_logs(job_id)
-        if len(logs) > shown:
-            out.write(logs[shown:])
-            out.flush()
-            shown = len(logs)
         if status in TERMINAL:
             info = client.get_job_info(job_id)
             print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""), file=out, flush=True)

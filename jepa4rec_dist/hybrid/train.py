@@ -93,11 +93,11 @@ def _engine(objective, cfg: Config, runtime, device):
     hc = cfg.hybrid
     dtype = resolve_dtype(cfg.train.precision, device)
     if runtime.distributed:
-        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
+        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec, engine_options
 
         per_rank = max(1, math.ceil(hc.batch_size / runtime.world))
         spec = OptimSpec(hc.lr, hc.weight_decay, 0, CONSTANT_LR_STEPS, hc.clip_norm, per_rank, 1, cfg.train.zero_stage)
-        return DeepSpeedEngine(objective, spec, runtime.world, bf16=dtype == torch.bfloat16)
+        return DeepSpeedEngine(objective, spec, runtime.world, **engine_options(cfg, dtype, runtime, hc.output_dir))
     return TorchEngine(objective, hc.lr, hc.weight_decay, 0, CONSTANT_LR_STEPS, hc.clip_norm, 1, device, dtype)
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,39 @@ class OptimSpec:
                    t.grad_accum, t.zero_stage)
 
 
-def deepspeed_config(spec: OptimSpec, world: int, bf16: bool) -> dict:
+def merge_config(base: dict, user: dict) -> dict:
+    """`user` over `base`: nested dicts merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in user.items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def user_deepspeed_json(path: str | None) -> dict:
+    """The user's DeepSpeed JSON (`train.deepspeed_config`), or {} (errors name the file)."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"train.deepspeed_config: {file} not found")
+    try:
+        user = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"train.deepspeed_config: {file} is not valid JSON ({exc})") from exc
+    if not isinstance(user, dict):
+        raise ValueError(f"train.deepspeed_config: {file} must hold a JSON object")
+    return user
+
+
+def engine_options(cfg: Config, dtype: torch.dtype, runtime, output_dir: str | Path) -> dict:
+    """DeepSpeedEngine keywords from the config: precision, the user's JSON, where rank 0 writes the merged one."""
+    return dict(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                user=user_deepspeed_json(cfg.train.deepspeed_config),
+                write_to=Path(output_dir) if runtime.is_main else None)
+
+
+def deepspeed_config(spec: OptimSpec, world: int, bf16: bool, fp16: bool = False, user: dict | None = None) -> dict:
+    """The DeepSpeed JSON generated from the typed config, with the user's own JSON merged over it."""
     ds = {
         "train_micro_batch_size_per_gpu": spec.micro_batch,
         "gradient_accumulation_steps": spec.grad_accum,
@@ -119,20 +152,28 @@ def deepspeed_config(spec: OptimSpec, world: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,  # our logger reports; DeepSpeed's own prints stay off
         "wall_clock_breakdown": False,
     }
+    if fp16:  # dynamic loss scaling from 2^16, as torch's GradScaler starts
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
     if spec.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
-    return ds
+    return merge_config(ds, user or {})
 
 
 class DeepSpeedEngine:
     """A DeepSpeed engine behind the interface of `TorchEngine`."""
 
-    def __init__(self, model: torch.nn.Module, spec: OptimSpec, world: int, bf16: bool):
+    def __init__(self, model: torch.nn.Module, spec: OptimSpec, world: int, bf16: bool, fp16: bool = False,
+                 user: dict | None = None, write_to: Path | None = None):
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
+        self.config = deepspeed_config(spec, world, bf16, fp16, user)
+        if write_to is not None:  # the JSON the engine got, beside the run's config.yaml (rank 0 passes it)
+            Path(write_to).mkdir(parents=True, exist_ok=True)
+            (Path(write_to) / "deepspeed_config.json").write_text(json.dumps(self.config, indent=1))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=deepspeed_config(spec, world, bf16),
+            model=model, model_parameters=params, config=self.config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(spec.warmup_steps, spec.total_steps)),
         )
         self.module = self.engine.module

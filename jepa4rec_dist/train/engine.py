@@ -34,11 +34,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU; bf16 needs CUDA; fp16 (autocast + dynamic loss scaling) runs anywhere
+    (on CPU for tests: slow, but the same code path)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if precision == "bf16" and device.type != "cuda":
         raise ValueError("train.precision=bf16 needs a CUDA device (CPU runs in fp32)")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class TorchEngine:
@@ -56,10 +58,14 @@ class TorchEngine:
         self.clip_norm, self.grad_accum = clip_norm, grad_accum
         self.micro_steps = 0
         self.global_steps = 0
+        # fp16: fp32 weights, fp16 autocast, dynamic loss scaling (a step whose gradients overflow is skipped and
+        # the scale halved; the scheduler still advances, as DeepSpeed's fp16 does)
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.skipped_steps = 0
 
     def autocast(self):
-        if self.dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):
@@ -67,7 +73,8 @@ class TorchEngine:
             return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+        loss = loss / self.grad_accum
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self.grad_accum == 0
@@ -78,9 +85,17 @@ class TorchEngine:
         self.micro_steps += 1
         if not boundary:
             return False
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)  # an overflow: that step was skipped
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
@@ -103,15 +118,21 @@ class TorchEngine:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
-                "global_steps": self.global_steps}
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps,
+                 "global_steps": self.global_steps}
+        if self.scaler is not None:
+            state.update(scaler=self.scaler.state_dict(), skipped_steps=self.skipped_steps)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+            self.skipped_steps = state.get("skipped_steps", 0)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -159,11 +159,12 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         model = FinetuneModel(enc, ft.temperature, ft.loss_backend, remap).to(device)
         total = max(steps_per_epoch * epochs, 1)
         if runtime.distributed:
-            from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
+            from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec, engine_options
 
             spec = OptimSpec(lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, ft.batch_size, 1,
                              cfg.train.zero_stage)
-            return DeepSpeedEngine(model, spec, runtime.world, bf16=dtype == torch.bfloat16), model
+            return DeepSpeedEngine(model, spec, runtime.world,
+                                   **engine_options(cfg, dtype, runtime, ft.output_dir)), model
         return TorchEngine(model, lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, 1, device, dtype), model
 
     def encode(model):  # every rank, same batches (a collective under ZeRO-3)

@@ -95,10 +95,11 @@ def _make_engine(model, cfg: Config, runtime: Runtime, device: torch.device):
     t = cfg.train
     dtype = resolve_dtype(t.precision, device)
     if runtime.distributed:
-        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec
+        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec, engine_options
 
         model.to(device)
-        return DeepSpeedEngine(model, OptimSpec.pretraining(cfg), runtime.world, bf16=dtype == torch.bfloat16)
+        return DeepSpeedEngine(model, OptimSpec.pretraining(cfg), runtime.world,
+                               **engine_options(cfg, dtype, runtime, t.output_dir))
     return TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, t.grad_accum, device, dtype)
 
 
