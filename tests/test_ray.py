@@ -34,7 +34,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """A real cluster on 127.0.0.1 with Ray's token authentication on (RAY_AUTH_MODE=token): this process holds
+    the token in its environment, as a user's shell would, so ray.init and `jepa4rec submit` authenticate."""
+    import secrets
+
     port, dash = free_port(), free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--disable-usage-stats", "--temp-dir", str(tmp_path_factory.mktemp("ray"))]
@@ -43,6 +49,24 @@ def cluster(tmp_path_factory):
         yield {"address": f"127.0.0.1:{port}", "jobs": f"http://127.0.0.1:{dash}"}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_a_submission_without_the_clusters_token_is_refused(cluster, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    done = subprocess.run([str(BIN / "jepa4rec"), "submit", "--address", cluster["jobs"], "--no-follow", "--",
+                           sys.executable, "-c", "print(1)"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "submit to" in done.stderr and "auth" in done.stderr.lower(), done.stderr
+    # with the token (this process's environment) the same submission is accepted
+    ok = subprocess.run([str(BIN / "jepa4rec"), "submit", "--address", cluster["jobs"], "--", sys.executable, "-c",
+                         "print('hello from the job')"], capture_output=True, text=True, timeout=180)
+    assert ok.returncode == 0 and "hello from the job" in ok.stdout and "SUCCEEDED" in ok.stdout, ok.stderr[-2000:]
 
 
 @pytest.fixture()

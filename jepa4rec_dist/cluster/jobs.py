@@ -56,6 +56,7 @@ def submit(address: str, entrypoint: str, working_dir: str | None = None, follow
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); without it the cluster refuses the submission (an error here)."""
     import asyncio
 
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     out = out or sys.stdout
@@ -67,7 +68,7 @@ def submit(address: str, entrypoint: str, working_dir: str | None = None, follow
         if env:
             runtime_env["env_vars"] = env
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
-    except (RuntimeError, ConnectionError, PermissionError) as exc:  # refused (auth), unreachable, bad request
+    except (AuthenticationError, RuntimeError, ConnectionError, PermissionError) as exc:  # no token, unreachable, ...
         raise ValueError(f"submit to {address}: {str(exc).strip().splitlines()[0][:300]}") from exc
     print(f"submitted {job_id} to {address}", file=out, flush=True)
     if not follow:
