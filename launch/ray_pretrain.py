@@ -25,6 +25,8 @@ def main() -> int:
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed (-1: no limit)")
     parser.add_argument("--address", default="auto", help="Ray cluster to join (inside a Ray job: auto)")
     parser.add_argument("--pid-dir", default=None, help="write each worker's pid here (operations, tests)")
+    parser.add_argument("--storage-path", default=None, help="Ray Train's RunConfig(storage_path): a shared folder "
+                        "or a URI such as s3://bucket/runs (default: <train.output_dir>/ray)")
     args, overrides = parser.parse_known_args()
     return ray_pretrain_main(args, overrides)
 

@@ -112,11 +112,19 @@ def test_pretraining_job_and_its_export(cluster, uneven_dataset, tmp_path, capsy
 
     root, _ = uneven_dataset
     out = tmp_path / "run"
-    code = submit(cluster["jobs"], pretrain_entry(root, out, 6, tmp_path / "pids"))
+    code = submit(cluster["jobs"], pretrain_entry(root, out, 6, tmp_path / "pids", "--train.keep_last=1"))
     logs = capsys.readouterr().out
     assert code == 0, logs[-3000:]
     assert "SUCCEEDED" in logs
     assert [r["step"] for r in losses(out)] == [1, 2, 3, 4, 5, 6] and losses(out)[0]["world"] == 2
+    # what Ray Train got: the losses and throughput with the last checkpoint; train.keep_last checkpoints kept in
+    # its storage, each holding the files of every rank
+    reported = logs.split("metrics ", 1)[1].split("; export", 1)[0]
+    assert "'loss_cl'" in reported and "'tokens_per_s'" in reported and "'step': 6" in reported
+    kept = sorted((out / "ray").rglob("checkpoint_*"))
+    kept = [k for k in kept if k.is_dir()]
+    assert len(kept) == 1, kept
+    assert {"client-rank0.pt", "client-rank1.pt", "complete"} <= {p.name for p in kept[0].iterdir()}
     assert {p.name for p in (tmp_path / "pids").iterdir()} == {"rank0.pid", "rank1.pid"}
     assert main(["evaluate", "--config", TINY, "--data", str(root), "--model", str(out / "export"),
                  "--out", str(tmp_path / "e.json"), "--loader.num_workers=0"]) == 0

@@ -39,7 +39,8 @@ def ray_pretrain_main(args, overrides: list[str]) -> int:
         print(f"ray_pretrain: error: {exc}", file=sys.stderr)
         return 2
     ray.init(address=args.address, log_to_driver=True)
-    result = ray_pretrain(cfg, args.num_workers, args.use_gpu, args.max_failures, pid_dir=args.pid_dir)
+    result = ray_pretrain(cfg, args.num_workers, args.use_gpu, args.max_failures,
+                          storage_path=getattr(args, "storage_path", None), pid_dir=args.pid_dir)
     if result.error is not None:
         print(f"ray_pretrain: training failed: {result.error}", file=sys.stderr)
         return 1

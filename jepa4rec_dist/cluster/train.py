@@ -20,12 +20,35 @@ from jepa4rec_dist.train.pretrain import Hooks, Runtime, pretrain
 from jepa4rec_dist.train.run import Checkpoints
 
 
+def latest_metrics(output_dir: str | Path, step: int) -> dict:
+    """The last training row of the run's metrics.jsonl at or before `step` (losses, lr, tokens/s, ...)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    row = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in r and r.get("step", 0) <= step:
+                row = r
+    return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 class RayReportHooks(Hooks):
+    """Every complete checkpoint reported to Ray Train with the latest metrics row (losses, throughput, lr), so
+    Ray's tooling (Result.metrics, metrics_dataframe, the dashboard) sees them. Every rank attaches the folder
+    it wrote: its own ZeRO shards and loader state reach Ray's storage even without a shared filesystem (Ray
+    merges the workers' files into one checkpoint)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = output_dir
+
     def on_checkpoint(self, step, folder, runtime):
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if runtime.is_main else None
-        ray.train.report({"step": step}, checkpoint=checkpoint)
+        metrics = {**latest_metrics(self.output_dir, step), "step": step} if runtime.is_main else {"step": step}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
 
 def _restore_from_ray(cfg: Config, runtime: Runtime) -> None:
@@ -64,7 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     init_process_group(cfg.train.collective_timeout_s, cuda)  # adopts Ray's process group
     _restore_from_ray(cfg, runtime)
     runtime.barrier()
-    result = pretrain(cfg, runtime, progress=False, hooks=RayReportHooks())
+    result = pretrain(cfg, runtime, progress=False, hooks=RayReportHooks(cfg.train.output_dir))
     if runtime.is_main:
         Path(cfg.train.output_dir, "result.json").write_text(json.dumps(result, default=str))
 
@@ -72,19 +95,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def ray_pretrain(cfg: Config, num_workers: int, use_gpu: bool = False, max_failures: int = 1,
                  storage_path: str | None = None, name: str = "jepa4rec-pretrain", pid_dir: str | None = None):
     """Run pretraining on the connected Ray cluster; returns Ray Train's `Result`."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     out = Path(cfg.train.output_dir).resolve()
-    storage = Path(storage_path).resolve() if storage_path else out / "ray"
+    if storage_path and "://" in storage_path:
+        storage = storage_path  # a URI: Ray Train's own filesystem handling (pyarrow.fs)
+    else:
+        storage = str(Path(storage_path).resolve() if storage_path else out / "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "pid_dir": pid_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)),
+        # storage_path: any path or URI Ray Train supports (a shared folder, s3://, gs://, ...); Ray keeps
+        # train.keep_last checkpoints there, as the run folder does
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
     return trainer.fit()
