@@ -179,3 +179,28 @@ def test_evaluation_on_two_actors_equals_single_process(connected, uneven_datase
     for a, b in zip(rows, single, strict=True):
         assert {k: v for k, v in a.items() if k not in ("method", "seconds")} == \
                {k: v for k, v in b.items() if k not in ("method", "seconds")}
+
+
+def test_finetuning_as_a_ray_job(cluster, uneven_dataset, tmp_path, capsys):
+    """launch/ray_finetune.py on 2 Ray Train workers: two-stage finetuning, every epoch reported to Ray with its
+    validation metrics, the best export and result.json in the run folder."""
+    from jepa4rec_dist.cluster.jobs import submit
+    from jepa4rec_dist.config import load_config
+    from jepa4rec_dist.train.pretrain import pretrain
+
+    root, _ = uneven_dataset
+    pre = pretrain(load_config([Path(TINY)], [f"--data.out_dir={root}", f"--train.output_dir={tmp_path / 'pre'}",
+                                              "--train.max_steps=2", "--loader.batch_size=4",
+                                              "--loader.num_workers=0"]), progress=False)
+    out = tmp_path / "ft"
+    entry = " ".join([sys.executable, str(REPO / "launch/ray_finetune.py"), "--config", TINY, f"--data.out_dir={root}",
+                      f"--finetune.output_dir={out}", f"--finetune.init_from={pre['export']}",
+                      "--finetune.stage1_epochs=2", "--finetune.stage2_epochs=1", "--finetune.lr=1e-3",
+                      "--finetune.test_at_end=false", "--loader.num_workers=0", "--num-workers", "2"])
+    code = submit(cluster["jobs"], entry)
+    logs = capsys.readouterr().out
+    assert code == 0, logs[-3000:]
+    assert "ray_finetune: done" in logs and "'valid_ndcg@10'" in logs.split("metrics ", 1)[1]
+    result = json.loads((out / "result.json").read_text())
+    assert [(h["stage"], h["epoch"]) for h in result["history"]] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert (out / "best" / "model.safetensors").is_file()

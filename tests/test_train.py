@@ -193,3 +193,49 @@ def test_deepspeed_json_merge_and_bad_files(tmp_path):
         user_deepspeed_json(str(bad))
     with pytest.raises(ValueError, match="not found"):
         user_deepspeed_json(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("kill_at", [(1, 2), (2, 1)])
+def test_finetune_killed_mid_stage_resumes_on_the_uninterrupted_curve(uneven_dataset, tmp_path, kill_at):
+    """Every finished epoch is checkpointed; a run stopped after epoch 2 of stage 1 (or epoch 1 of stage 2) and
+    started again writes exactly the metrics an uninterrupted run writes (losses, lr, validation), and its
+    TensorBoard scalars."""
+    from jepa4rec_dist.train.finetune import FinetuneHooks
+
+    root, _ = uneven_dataset
+    pre = pretrain(pretrain_cfg(root, tmp_path / "pre", "--train.max_steps=2"), progress=False)
+
+    def cfg(out):
+        return load_config(TINY, [f"--data.out_dir={root}", f"--finetune.output_dir={out}",
+                                  f"--finetune.init_from={pre['export']}", "--finetune.stage1_epochs=3",
+                                  "--finetune.stage2_epochs=2", "--finetune.lr=1e-3", "--loader.num_workers=0",
+                                  "--finetune.test_at_end=false", "--finetune.patience=5", "--model.hidden_dropout=0.1"])
+
+    def curve(out):
+        volatile = {"time", "seconds", "targets_per_s", "tokens_per_s"}
+        return [{k: v for k, v in r.items() if k not in volatile}
+                for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())]
+
+    class Kill(FinetuneHooks):
+        def on_epoch_end(self, stage, epoch, row, folder, runtime):
+            if (stage, epoch) == kill_at:
+                raise KeyboardInterrupt(f"killed after stage {stage} epoch {epoch}")
+
+    whole = finetune(cfg(tmp_path / "whole"), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg(tmp_path / "killed"), progress=False, hooks=Kill())
+    # what a killed process leaves: also a half-written next epoch's line, dropped on resume
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"stage": kill_at[0], "epoch": kill_at[1] + 1, "train_loss": 9.9}) + "\n")
+    ran = []
+
+    class Record(FinetuneHooks):
+        def on_epoch_end(self, stage, epoch, row, folder, runtime):
+            ran.append((stage, epoch))
+
+    resumed = finetune(cfg(tmp_path / "killed"), progress=False, hooks=Record())
+    assert ran[0] == (kill_at[0], kill_at[1] + 1)  # no finished epoch trained again
+    assert curve(tmp_path / "killed") == curve(tmp_path / "whole")
+    assert resumed["best"] == whole["best"] and resumed["history"] == whole["history"]
+    assert any((tmp_path / "whole" / "tensorboard").iterdir())
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) <= 2  # train.keep_last

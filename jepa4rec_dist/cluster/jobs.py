@@ -36,15 +36,18 @@ def ray_pretrain_main(args, overrides: list[str]) -> int:
     try:
         cfg = absolute_paths(load_config(args.config, overrides))
     except ValueError as exc:
-        print(f"ray_pretrain: error: {exc}", file=sys.stderr)
+        print(f"ray_{getattr(args, 'job', 'pretrain')}: error: {exc}", file=sys.stderr)
         return 2
     ray.init(address=args.address, log_to_driver=True)
+    job = getattr(args, "job", "pretrain")
     result = ray_pretrain(cfg, args.num_workers, args.use_gpu, args.max_failures,
-                          storage_path=getattr(args, "storage_path", None), pid_dir=args.pid_dir)
+                          storage_path=getattr(args, "storage_path", None), pid_dir=args.pid_dir, job=job,
+                          name=f"jepa4rec-{job}")
     if result.error is not None:
-        print(f"ray_pretrain: training failed: {result.error}", file=sys.stderr)
+        print(f"ray_{job}: training failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"ray_pretrain: done; metrics {result.metrics}; export in {Path(cfg.train.output_dir) / 'export'}")
+    where = Path(cfg.finetune.output_dir) / "best" if job == "finetune" else Path(cfg.train.output_dir) / "export"
+    print(f"ray_{job}: done; metrics {result.metrics}; export in {where}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Pretraining as Ray Train workers: each worker runs the same `pretrain(cfg, runtime)` on a DeepSpeed engine.
+"""Pretraining and finetuning as Ray Train workers: each worker runs the same `pretrain(cfg, runtime)` (or
+`finetune(cfg, runtime)`) on a DeepSpeed engine.
 
 Ray Train (`TorchTrainer`) starts one worker per GPU (or CPU workers on gloo) and sets up the torch
 process group; DeepSpeed adopts it. Shards are split by Ray's world rank exactly as under the `deepspeed`
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from jepa4rec_dist.config import Config, config_from_dict, config_to_dict
+from jepa4rec_dist.train.finetune import FinetuneHooks, finetune
 from jepa4rec_dist.train.pretrain import Hooks, Runtime, pretrain
 from jepa4rec_dist.train.run import Checkpoints
 
@@ -48,6 +50,19 @@ class RayReportHooks(Hooks):
         import ray.train
 
         metrics = {**latest_metrics(self.output_dir, step), "step": step} if runtime.is_main else {"step": step}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+class RayFinetuneHooks(FinetuneHooks):
+    """Every finished finetuning epoch reported to Ray Train with its validation metrics and its checkpoint
+    (restarted workers resume from the run folder's epoch checkpoints, as a restarted process does)."""
+
+    def on_epoch_end(self, stage, epoch, row, folder, runtime):
+        import ray.train
+
+        metrics = {"stage": stage, "epoch": epoch}
+        if row:
+            metrics.update({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
 
@@ -85,6 +100,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Path(pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(pid_dir) / f"rank{runtime.rank}.pid").write_text(str(os.getpid()))
     init_process_group(cfg.train.collective_timeout_s, cuda)  # adopts Ray's process group
+    if loop_config.get("job", "pretrain") == "finetune":
+        result = finetune(cfg, runtime, progress=False, hooks=RayFinetuneHooks())
+        return  # finetune writes result.json itself
     _restore_from_ray(cfg, runtime)
     runtime.barrier()
     result = pretrain(cfg, runtime, progress=False, hooks=RayReportHooks(cfg.train.output_dir))
@@ -93,21 +111,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def ray_pretrain(cfg: Config, num_workers: int, use_gpu: bool = False, max_failures: int = 1,
-                 storage_path: str | None = None, name: str = "jepa4rec-pretrain", pid_dir: str | None = None):
-    """Run pretraining on the connected Ray cluster; returns Ray Train's `Result`."""
+                 storage_path: str | None = None, name: str = "jepa4rec-pretrain", pid_dir: str | None = None,
+                 job: str = "pretrain"):
+    """Run pretraining (or, with job="finetune", finetuning) on the connected Ray cluster; returns Ray Train's
+    `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    out = Path(cfg.train.output_dir).resolve()
+    out = Path(cfg.finetune.output_dir if job == "finetune" else cfg.train.output_dir).resolve()
     if storage_path and "://" in storage_path:
         storage = storage_path  # a URI: Ray Train's own filesystem handling (pyarrow.fs)
     else:
         storage = str(Path(storage_path).resolve() if storage_path else out / "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "pid_dir": pid_dir},
+        train_loop_config={"config": config_to_dict(cfg), "pid_dir": pid_dir, "job": job},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),

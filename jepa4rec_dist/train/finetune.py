@@ -9,9 +9,12 @@ previous epoch's model: one encode per epoch), then train the sequence side agai
 Stage 2: reload the best stage-1 model with its table, keep the table frozen, keep training.
 Selection: validation NDCG@10 with patience; the best model is exported with its item table. The test
 split is evaluated once, with the best model.
-Resume: stage 2 starts from the best stage-1 export, so a run stopped after stage 1 finished (`stage1.json`
-in the output folder, or, for older runs, its metrics.jsonl) starts again at stage 2 when nothing that
-stage 1 depends on changed (`finetune.resume: false` starts over). A stage stopped mid-way restarts.
+Resume: every finished epoch is checkpointed (`checkpoints/step-SEEEEEE/`: the engine, the run's RNG, loader
+position, best-so-far, patience count and history per rank; the newest `train.keep_last` kept). A run started
+again in the same folder with the same settings continues after the last checkpointed epoch, mid-stage, and
+writes the curve an uninterrupted run writes (the metrics lines of the unfinished epoch are dropped). Without
+epoch checkpoints (older runs), a finished stage 1 (`stage1.json`, or its metrics.jsonl) still resumes at stage
+2. `finetune.resume: false` starts over. Metrics go to metrics.jsonl and TensorBoard (`tensorboard/`, rank 0).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
 from jepa4rec_dist.train.pretrain import Runtime
-from jepa4rec_dist.train.run import MetricsLog, seed_everything
+from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
 from kernels.infonce import infonce_loss
 
 log = logging.getLogger(__name__)
@@ -98,21 +101,73 @@ class FinetuneModel(nn.Module):
                             normalize=False, backend=self.loss_backend)
 
 
-def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True) -> dict:
+class FinetuneHooks:
+    """Optional callbacks for orchestrators (a Ray job reports through these; tests inject failures)."""
+
+    def on_epoch_end(self, stage: int, epoch: int, row: dict | None, folder: Path, runtime: Runtime) -> None:
+        """Called on every rank once epoch `epoch` of `stage` is validated and checkpointed in `folder`; `row`:
+        rank 0's validation metrics (None elsewhere)."""
+
+
+class _FinetuneLog:
+    """Rank 0: metrics.jsonl and TensorBoard scalars (global step = finished epochs, stage 2 after stage 1)."""
+
+    def __init__(self, cfg: Config, out: Path, main: bool):
+        self.jsonl = MetricsLog(out / "metrics.jsonl") if main else None
+        self.tb, self.offset = None, cfg.finetune.stage1_epochs
+        if main and cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        self.jsonl.write(row)
+        if self.tb is not None and "stage" in row and "epoch" in row:
+            step = row["epoch"] + (self.offset if row["stage"] == 2 else 0)
+            for key, value in row.items():
+                if key not in ("stage", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"stage{row['stage']}/{key}", value, step)
+            self.tb.flush()
+
+    def read(self) -> list[dict]:
+        return self.jsonl.read()
+
+    def keep_until(self, stage: int, epoch: int) -> None:
+        """On resume: drop what a stopped run wrote after epoch `epoch` of `stage` (its checkpoint)."""
+        rows = [r for r in self.jsonl.read() if "stage" in r and (r["stage"], r["epoch"]) <= (stage, epoch)]
+        self.jsonl.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def epoch_tag(stage: int, epoch: int) -> str:
+    return Checkpoints.tag(stage * 1_000_000 + epoch)
+
+
+def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
+             hooks: FinetuneHooks | None = None) -> dict:
     """Two-stage finetuning in one process or on every rank of a DeepSpeed job (data parallel: each rank
     trains on its share of the users; rank 0 validates, exports and tests a copy of the weights)."""
     if cfg.finetune.model == "hybrid":
         from jepa4rec_dist.hybrid.train import train_hybrid
 
         return train_hybrid(cfg, runtime, progress)
-    runtime = runtime or Runtime()
+    runtime, hooks = runtime or Runtime(), hooks or FinetuneHooks()
     ft, main = cfg.finetune, runtime.is_main
     out = Path(ft.output_dir)
-    resumed = stage1_state(cfg) if ft.resume else None
+    ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_last)
+    checkpoint = latest_epoch_checkpoint(cfg, ckpts) if ft.resume else None
+    resumed = stage1_state(cfg) if ft.resume and checkpoint is None else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if resumed is None:
+        if resumed is None and checkpoint is None:
             (out / "stage1.json").unlink(missing_ok=True)
+            if ckpts.folder.is_dir():  # another run's epochs: not ours to continue
+                import shutil
+
+                shutil.rmtree(ckpts.folder)
         save_config(cfg, out / "config.yaml")
     runtime.barrier()  # every rank has read the earlier run's state
     seed_everything(ft.seed)
@@ -147,10 +202,17 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         log.info("low-resource: training on %s", train_root)
     train_loader = ShardLoader(train_root, "train", lcfg, collator, rank=runtime.rank, world_size=runtime.world)
     steps_per_epoch = len(train_loader)
-    metrics = MetricsLog(out / "metrics.jsonl") if main else None
+    metrics = _FinetuneLog(cfg, out, main) if main else None
     best = {"ndcg@10": -1.0, "stage": None, "epoch": None}
     history: list[dict] = []
-    if resumed is not None:
+    restored = None
+    if checkpoint is not None:  # this rank's state at the end of the checkpointed epoch
+        restored = ckpts.load_client(checkpoint, runtime.rank)
+        best, history = restored["best"], restored["history"]
+        if main:
+            metrics.keep_until(restored["stage"], restored["epoch"])
+            log.info("resuming after stage %d epoch %d (%s)", restored["stage"], restored["epoch"], checkpoint)
+    elif resumed is not None:
         best, history = resumed["best"], resumed["history"]
         log.info("stage 1 finished in an earlier run (best: epoch %s, valid NDCG@10 %.4f): resuming at stage 2",
                  best["epoch"], best["ndcg@10"])
@@ -225,24 +287,51 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
                            "tokens": int(seen[1]), "targets_per_s": round(float(seen[0]) / seconds, 2),
                            "tokens_per_s": round(float(seen[1]) / seconds, 1)})
 
-    def run_stage(stage, engine, model, item_table, epochs, reencode):
-        bad = 0
-        for epoch in range(1, epochs + 1):
+    def save_epoch(engine, stage, epoch, bad, stopped):
+        """Checkpoint the end of an epoch: engine (every rank), then each rank's own state, then the marker."""
+        tag = epoch_tag(stage, epoch)
+        engine.save_checkpoint(ckpts.folder, tag)
+        ckpts.save_client(tag, runtime.rank, {
+            "stage": stage, "epoch": epoch, "bad": bad, "stopped": stopped, "best": best, "history": history,
+            "rng": rng_state(), "loader": train_loader.state_dict(), "depends_on": finetune_inputs(cfg)})
+        runtime.barrier()
+        if main:
+            ckpts.mark_complete(tag)
+            ckpts.prune()
+        runtime.barrier()
+        hooks.on_epoch_end(stage, epoch, history[-1] if main and history else None, ckpts.folder / tag, runtime)
+
+    def run_stage(stage, engine, model, item_table, epochs, reencode, start=1, bad=0):
+        for epoch in range(start, epochs + 1):
             train_epoch(engine, model, item_table, stage, epoch)
             if reencode:
                 item_table = encode(model)
             bad = 0 if validate(engine, model, item_table, stage, epoch) else bad + 1
-            if bad >= ft.patience:
+            stopped = bad >= ft.patience
+            save_epoch(engine, stage, epoch, bad, stopped)
+            if stopped:
                 if main:
                     log.info("stage %d: no better validation NDCG@10 for %d epochs: stopping", stage, bad)
                 break
 
+    def restore(engine):
+        engine.load_checkpoint(ckpts.folder, checkpoint)
+        set_rng_state(restored["rng"])
+        train_loader.load_state_dict(restored["loader"])
+        done = restored["stopped"] or restored["epoch"] >= (ft.stage1_epochs if restored["stage"] == 1
+                                                           else ft.stage2_epochs)
+        return restored["epoch"] + 1, restored["bad"], done
+
     # stage 1: re-encode each epoch; epoch 0's validation is the zero-shot model
-    if resumed is None:
+    in_stage = restored["stage"] if restored else None
+    if resumed is None and in_stage != 2:
         engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs, ft.lr)
+        start, bad, done = (1, 0, False) if in_stage is None else restore(engine)
         item_table = encode(model)
-        validate(engine, model, item_table, 1, 0)
-        run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True)
+        if in_stage is None:
+            validate(engine, model, item_table, 1, 0)
+        if not done:
+            run_stage(1, engine, model, item_table, ft.stage1_epochs, reencode=True, start=start, bad=bad)
         if main:
             (out / "stage1.json").write_text(json.dumps({"best": best, "history": history,
                                                          "depends_on": stage1_inputs(cfg)}, indent=1))
@@ -250,12 +339,14 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
     if ft.stage2_epochs:
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
         engine, model = make_engine(encoder, ft.stage2_epochs, ft.stage2_lr or ft.lr)
-        run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False)
+        start, bad, done = restore(engine) if in_stage == 2 else (1, 0, False)
+        if not done:
+            run_stage(2, engine, model, item_table, ft.stage2_epochs, reencode=False, start=start, bad=bad)
     result = None
     if main and not ft.test_at_end:
         result = {"best": best, "history": history}
         (out / "result.json").write_text(json.dumps(result, indent=1))
-        metrics.write({"best": best})
+        metrics.jsonl.write({"best": best})
     elif main:
         from jepa4rec_dist.eval.context import EvalContext
         from jepa4rec_dist.eval.run import Evaluated, write_evaluation
@@ -268,9 +359,36 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True)
         result = {"best": best, "test": test.metrics, "test_by_protocol": test.by_protocol,
                   "primary_protocol": test.primary, "history": history}
         (out / "result.json").write_text(json.dumps(result, indent=1))
-        metrics.write({"test": test.metrics, "best": best})
+        metrics.jsonl.write({"test": test.metrics, "best": best})
+    if main:
+        metrics.close()
     runtime.barrier()
     return broadcast_value(result)
+
+
+def finetune_inputs(cfg: Config) -> dict:
+    """What a finetuning run's curve depends on: an epoch checkpoint resumes only a run with these settings."""
+    ft = dataclasses.asdict(cfg.finetune)
+    ft.pop("output_dir"), ft.pop("resume"), ft.pop("test_at_end")
+    train = dataclasses.asdict(cfg.train)
+    keep = {k: train[k] for k in ("weight_decay", "clip_norm", "precision", "seed", "zero_stage")}
+    return json.loads(json.dumps({**stage1_inputs(cfg), "finetune_all": ft, "train": keep, "loader": dataclasses.asdict(
+        cfg.loader)}, default=str))
+
+
+def latest_epoch_checkpoint(cfg: Config, ckpts: Checkpoints) -> str | None:
+    """The newest complete epoch checkpoint written with these settings (None: none, or written with others)."""
+    tag = ckpts.latest()
+    if tag is None:
+        return None
+    try:
+        state = ckpts.load_client(tag, 0)
+    except ValueError:
+        return None
+    if state.get("depends_on") != finetune_inputs(cfg):
+        log.info("%s: written with other settings: finetuning starts over", ckpts.folder / tag)
+        return None
+    return tag
 
 
 def stage1_inputs(cfg: Config) -> dict:
