@@ -230,3 +230,40 @@ def test_repeat_gives_each_sequence_k_distinct_pairs(uneven_dataset):
     assert any(nexts[k] != nexts[f"{k}#1"] or nexts[k] != nexts[f"{k}#2"] for k in base)
     ld = loader(root, repeat=3)
     assert ld.total_samples == 3 * 35 and len(ld) == len(list(ld))  # planned batch count = streamed
+
+
+@pytest.mark.parametrize("new_world, new_workers", [(1, 2), (1, 1), (3, 1)])
+def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_dataset, new_world, new_workers):
+    """A 2-rank x 1-worker fixed-mode epoch stopped after 3 of its 4 steps continues on another world: the new
+    ranks together yield exactly the samples the old ranks had not yet yielded this epoch (one process: each once;
+    3 ranks: equal batches, the last step filled with repeats), then the next epoch follows the new plan."""
+    from collections import Counter
+
+    root, _ = uneven_dataset
+    old = [loader(root, rank=r, world=2, num_workers=1, mode="fixed", seed=5, batch_size=4) for r in range(2)]
+    expected, states = Counter(), []
+    for ld in old:
+        it = iter(ld)
+        for _ in range(3):
+            next(it)
+        states.append(ld.state_dict())
+        expected.update(k for batch in it for k in batch["keys"])  # what the old ranks had left this epoch
+    assert sum(expected.values()) == 8  # 1 step of 4 left on each of the 2 ranks
+    new = [loader(root, rank=r, world=new_world, num_workers=new_workers, mode="fixed", seed=5, batch_size=4)
+           for r in range(new_world)]
+    got, sizes = Counter(), set()
+    for ld in new:
+        ld.load_foreign_states(states)
+        batches = list(ld)
+        got.update(k for b in batches for k in b["keys"])
+        sizes.add(tuple(len(b["keys"]) for b in batches))
+    if new_world == 1:
+        assert got == expected  # every remaining sample exactly once
+    else:
+        assert set(got) == set(expected) and len(sizes) == 1  # all of them, in equal batches on every rank
+    for ld in new:  # the next epoch: the new world's own plan
+        assert ld.epoch == 1 and ld.state_dict()["world_size"] == new_world and "foreign_states" not in ld.state_dict()
+        fresh = loader(root, rank=ld.rank, world=new_world, num_workers=new_workers, mode="fixed", seed=5,
+                       batch_size=4)
+        fresh.epoch = 1
+        assert [b["keys"] for b in ld] == [b["keys"] for b in fresh]

@@ -16,8 +16,12 @@ Order and resume. Reader l's batches are a pure function of (seed, epoch, rank, 
 in the collator, and torch's DataLoader hands out worker batches round-robin, skipping exhausted workers.
 So the batch stream of an epoch is deterministic, and after k batches the position is fully described by
 (epoch, k): on resume each physical worker takes the logical reader that comes next in the round-robin
-and skips (without decoding) the batches that reader already produced. The same number of workers is
-required to resume (checked).
+and skips (without decoding) the batches that reader already produced. The same world size and worker count
+resume bit-exactly. Another world size or worker count (`load_foreign_states`, one saved state per old rank):
+the old readers are replayed without decoding to find which samples of the epoch each had not yet produced; those
+are the rest of the epoch, dealt round-robin to the new ranks (in one process: each exactly once; on several
+ranks, the last step is filled with repeats so every rank takes equal batches, logged), then epochs go on with
+the new world's plan.
 """
 
 from __future__ import annotations
@@ -76,6 +80,17 @@ def plan_readers(infos: list[ShardInfo], root, rank: int, world: int, workers: i
         plans.append(ReaderPlan([shard_location(root, infos[i].path, shard_url) for i in sel],
                                 [infos[i].samples for i in sel], s, f, repeat))
     return plans
+
+
+def _batches_done(counts: list[int], consumed_total: int) -> list[int]:
+    """Batches each logical reader had produced after `consumed_total` round-robin batches (see below)."""
+    done, ptr, n = [0] * len(counts), 0, len(counts)
+    for _ in range(consumed_total):
+        while done[ptr] >= counts[ptr]:
+            ptr = (ptr + 1) % n
+        done[ptr] += 1
+        ptr = (ptr + 1) % n
+    return done
 
 
 def round_robin_resume(counts: list[int], consumed_total: int) -> list[tuple[int, int] | None]:
@@ -234,6 +249,9 @@ class ShardLoader:
 
     # --- iteration -------------------------------------------------------------------------------------
     def __iter__(self):
+        if getattr(self, "_pending", None) is not None:
+            yield from self._pending_epoch()
+            return
         plans = self._plans(self.epoch)
         counts = self._counts(plans)
         if self.mode == "fixed" and self.rank == 0 and self.consumed == 0:
@@ -257,6 +275,59 @@ class ShardLoader:
         self.epoch += 1
         self.consumed = 0
 
+    # --- resume on another world size or worker count --------------------------------------------------
+    def _pending_epoch(self):
+        """The rest of an epoch started by another world (`load_foreign_states`): this rank's share, in order."""
+        share = self._pending[self.rank::self.world]
+        if self.world > 1:  # collectives need equal batches on every rank: fill the last step with repeats
+            per_rank = -(-len(self._pending) // self.world)
+            per_rank = -(-per_rank // self.cfg.batch_size) * self.cfg.batch_size
+            fill = per_rank - len(share)
+            if fill and self.rank == 0:
+                log.info("loader %s epoch %d (resumed on %d ranks): %d samples left, %d repeated to fill equal "
+                         "batches", self.split, self.epoch, self.world, len(self._pending), fill * self.world)
+            share = share + [share[i % max(1, len(share))] for i in range(fill)] if share else share
+        stream = _ShardStream([], [], None, self.cfg.batch_size, False, False, 0, self.cfg.seed, self.epoch,
+                              self.rank, self.collator)
+        for lo in range(self.consumed * self.cfg.batch_size, len(share), self.cfg.batch_size):
+            raw = share[lo:lo + self.cfg.batch_size]
+            self.consumed += 1
+            yield self.collator.batch([self.collator.example(x["__key__"], stream._decode(x), self.epoch) for x in raw])
+        self._pending = self._foreign = None
+        self.epoch += 1
+        self.consumed = 0
+
+    def load_foreign_states(self, states: list[dict]) -> None:
+        """Resume from the loader states of a run with another world size or worker count (`states[r]`: old rank
+        r's). Everything else (split, mode, batch size, seed, ...) must match."""
+        old = states[0]
+        for key in ("split", "mode", "batch_size", "seed", "shuffle", "total_samples", "repeat"):
+            if old.get(key) != self._identity()[key]:
+                raise ValueError(f"loader state: '{key}' was {old.get(key)!r} when saved, now "
+                                 f"{self._identity()[key]!r}; only the world size and worker count may change")
+        if len(states) != old["world_size"]:
+            raise ValueError(f"loader state: {len(states)} rank states for a world of {old['world_size']}")
+        epoch, fixed = int(old["epoch"]), old["mode"] == "fixed"
+        workers, steps = int(old["num_workers"]), old.get("steps_per_epoch")
+        pending = []
+        for rank, state in enumerate(states):
+            plans = plan_readers(self.infos, self.root, rank, old["world_size"], workers, self.cfg.seed, epoch,
+                                 self.shuffle, self.cfg.repeat, self.cfg.shard_url)
+            b = self.cfg.batch_size
+            counts = ([len(range(w, steps, workers)) for w in range(workers)] if fixed else
+                      [p.samples // b if self.cfg.drop_last else -(-p.samples // b) for p in plans])
+            done = _batches_done(counts, int(state["batches_consumed"]))
+            stream = _ShardStream(plans, None, counts if fixed else None, b, self.cfg.drop_last, fixed,
+                                  self.cfg.shuffle_buffer if self.shuffle else 0, self.cfg.seed, epoch, rank,
+                                  self.collator)
+            for reader in range(workers):
+                for i, raw_batch in enumerate(stream._batches(reader)):
+                    if i >= done[reader]:
+                        pending.extend(raw_batch)
+        self._pending, self._foreign, self.epoch, self.consumed = pending, states, epoch, 0
+        log.info("loader %s: resuming epoch %d of a %d-rank x %d-worker run on %d ranks x %d workers: %d samples left",
+                 self.split, epoch, old["world_size"], workers, self.world, self.workers, len(pending))
+
     # --- state -----------------------------------------------------------------------------------------
     def _identity(self) -> dict:
         return {"split": self.split, "world_size": self.world, "num_workers": self.workers, "mode": self.mode,
@@ -265,9 +336,16 @@ class ShardLoader:
                 "repeat": self.cfg.repeat}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.consumed, **self._identity()}
+        state = {"epoch": self.epoch, "batches_consumed": self.consumed, **self._identity()}
+        if getattr(self, "_pending", None) is not None:  # mid-way through an epoch another world started
+            state["foreign_states"] = self._foreign
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("foreign_states"):
+            self.load_foreign_states(state["foreign_states"])
+            self.consumed = int(state["batches_consumed"])
+            return
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"loader state: '{key}' was {state.get(key)!r} when saved, now {value!r}; "
