@@ -257,3 +257,42 @@ def test_hybrid_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
         assert b["align_mmd"] == pytest.approx(a["align_mmd"], rel=2e-3)
         assert b["valid_ndcg@10"] == pytest.approx(a["valid_ndcg@10"], abs=2e-3)
         assert a["targets"] == b["targets"]
+
+
+def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path):
+    """The ZeRO-2 run's step-3 checkpoint continued by one plain process: the engine state goes through DeepSpeed's
+    universal checkpoint (weights equal DeepSpeed's own fp32 consolidation), the epoch's remaining samples (the
+    ones both ranks used at step 4) are each seen exactly once, and the run goes on to its last step."""
+    import shutil
+    from collections import Counter
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from jepa4rec_dist.train.distributed import load_universal_into, universal_checkpoint
+    from jepa4rec_dist.train.pretrain import _make_engine, pretrain
+
+    root, base = runs
+    run = tmp_path / "one"
+    shutil.copytree(base / "z2", run)
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    shutil.rmtree(run / "export")
+    cfg = load_config([REPO / "configs/model/tiny.yaml"], args(root, run, 2)[2:])
+    result = pretrain(cfg, progress=False)  # one process: no DeepSpeed launcher, no process group
+    assert result["step"] == STEPS and (run / "export" / "model.safetensors").is_file()
+    left = Counter(k for k in step_keys(base / "z2", 0)[4] + step_keys(base / "z2", 1)[4])
+    resumed = step_keys(run, 0)
+    assert Counter(resumed[4] + resumed[5]) == left  # 8 samples, batches of 4 on one rank: steps 4 and 5
+    assert [r["world"] for r in rows(run) if "loss" in r] == [2, 2, 2, 1, 1, 1]
+    # the weights one process resumed with: those DeepSpeed itself consolidates from the two ranks' shards
+    universal = universal_checkpoint(run / "checkpoints" / "step-0000003")
+    seed_everything(cfg.train.seed)
+    tok, _ = data_for(cfg)
+    engine = _make_engine(build_pretrain_model(cfg, tok), cfg, type("R", (), {"distributed": False})(),
+                          torch.device("cpu"))
+    load_universal_into(engine, universal)
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(base / "z2" / "checkpoints"), tag="step-0000003")
+    mine = dict(engine.module.named_parameters())
+    assert engine.global_steps == 3 and consolidated
+    for name, value in consolidated.items():
+        if name in mine and mine[name].requires_grad:
+            torch.testing.assert_close(mine[name].detach(), value.float(), rtol=0, atol=0, msg=name)

@@ -160,6 +160,55 @@ def deepspeed_config(spec: OptimSpec, world: int, bf16: bool, fp16: bool = False
     return merge_config(ds, user or {})
 
 
+def universal_checkpoint(tag_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of a ZeRO checkpoint folder (`<tag_dir>/universal/`, converted once by
+    `deepspeed.checkpoint.ds_to_universal`): parameters and optimizer moments whole, loadable on any world size."""
+    import subprocess
+    import sys
+
+    tag_dir = Path(tag_dir)
+    out = tag_dir / "universal"
+    if (out / "zero").is_dir() and (out / "mp_rank_00_model_states.pt").is_file():
+        return out
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        raise ValueError(f"{tag_dir}: not a DeepSpeed checkpoint (a single-process run's checkpoint resumes on one "
+                         "process only)")
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(tag_dir), "--output_folder", str(out), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"{tag_dir}: conversion to a universal checkpoint failed: {done.stderr[-800:]}")
+    return out
+
+
+def load_universal_into(engine, universal: Path) -> None:
+    """A single-process `TorchEngine` from a universal checkpoint: weights, AdamW moments and step, the lr
+    schedule and the step counters, as the DeepSpeed engine had them."""
+    universal = Path(universal)
+    states = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = engine.module
+    if states.get("module"):
+        module.load_state_dict(states["module"], strict=False)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for p in engine.params:
+        folder = universal / "zero" / names[id(p)]
+        if not (folder / "fp32.pt").is_file():
+            raise ValueError(f"{folder}: missing from the universal checkpoint (another model?)")
+
+        def load(kind, p=p, folder=folder):
+            return torch.load(folder / f"{kind}.pt", map_location="cpu", weights_only=False)["param"].view_as(p)
+
+        with torch.no_grad():
+            p.copy_(load("fp32"))
+        step = torch.load(folder / "step.pt", map_location="cpu", weights_only=False)
+        engine.optimizer.state[p] = {"step": torch.as_tensor(float(step), dtype=torch.float32),
+                                     "exp_avg": load("exp_avg").clone(), "exp_avg_sq": load("exp_avg_sq").clone()}
+    if states.get("lr_scheduler"):
+        engine.scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = int(states["global_steps"])
+    engine.micro_steps = engine.global_steps * engine.grad_accum
+
+
 class DeepSpeedEngine:
     """A DeepSpeed engine behind the interface of `TorchEngine`."""
 

@@ -91,15 +91,17 @@ def export_model(model: PretrainModel, tok: TokenizerInfo, folder: Path, step: i
                        extra={"objective": objective, "step": step}, **(context or {}))
 
 
-def _make_engine(model, cfg: Config, runtime: Runtime, device: torch.device):
+def _make_engine(model, cfg: Config, runtime: Runtime, device: torch.device, load_universal: bool = False):
     t = cfg.train
     dtype = resolve_dtype(t.precision, device)
     if runtime.distributed:
-        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec, engine_options
+        from jepa4rec_dist.train.distributed import DeepSpeedEngine, OptimSpec, engine_options, merge_config
 
         model.to(device)
-        return DeepSpeedEngine(model, OptimSpec.pretraining(cfg), runtime.world,
-                               **engine_options(cfg, dtype, runtime, t.output_dir))
+        options = engine_options(cfg, dtype, runtime, t.output_dir)
+        if load_universal:  # resuming a checkpoint written by another world size
+            options["user"] = merge_config(options["user"], {"checkpoint": {"load_universal": True}})
+        return DeepSpeedEngine(model, OptimSpec.pretraining(cfg), runtime.world, **options)
     return TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, t.grad_accum, device, dtype)
 
 
@@ -152,23 +154,48 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
     model = build_pretrain_model(cfg, tok)
     device = runtime.device(t.device)
     target = make_target_encoder(model.encoder).to(device) if model.jepa else None  # before ZeRO partitions
-    engine = _make_engine(model, cfg, runtime, device)
+    ckpts = Checkpoints(out / "checkpoints", t.keep_last)
+    tag = ckpts.latest()
+    saved = ckpts.load_client(tag, 0)["loader"] if tag is not None else None
+    # another world size or worker count than the checkpoint's: the data position is re-split and, on another world
+    # size, the engine state goes through DeepSpeed's universal checkpoint (converted once, by rank 0)
+    other_world = saved is not None and saved["world_size"] != runtime.world
+    foreign = saved is not None and (other_world or saved["num_workers"] != max(1, cfg.loader.num_workers))
+    universal = None
+    if other_world:
+        from jepa4rec_dist.train.distributed import universal_checkpoint
+
+        if runtime.is_main:
+            universal = universal_checkpoint(ckpts.folder / tag)
+        runtime.barrier()
+        universal = ckpts.folder / tag / "universal"
+    engine = _make_engine(model, cfg, runtime, device, universal is not None)
     ops = LocalOps()
     if runtime.distributed:
         from jepa4rec_dist.train.distributed import DistOps
 
         ops = DistOps()
-    ckpts = Checkpoints(out / "checkpoints", t.keep_last)
-    tag = ckpts.latest()
     if tag is not None:
-        engine.load_checkpoint(ckpts.folder, tag)
+        if universal is None:
+            engine.load_checkpoint(ckpts.folder, tag)
+        elif runtime.distributed:
+            engine.load_checkpoint(ckpts.folder / tag, "universal")
+        else:
+            from jepa4rec_dist.train.distributed import load_universal_into
+
+            load_universal_into(engine, universal)
         if target is not None:
             target.load_state_dict(torch.load(ckpts.folder / tag / "target.pt", map_location=device))
-        client = ckpts.load_client(tag, runtime.rank)
-        loader.load_state_dict(client["loader"])
+        client = ckpts.load_client(tag, min(runtime.rank, saved["world_size"] - 1))
+        if foreign:
+            loader.load_foreign_states([ckpts.load_client(tag, r)["loader"] for r in range(saved["world_size"])])
+        else:
+            loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
         if runtime.is_main:
-            log.info("resumed from %s (step %d)", ckpts.folder / tag, engine.global_steps)
+            log.info("resumed from %s (step %d)%s", ckpts.folder / tag, engine.global_steps,
+                     f", written by {saved['world_size']} rank(s) x {saved['num_workers']} worker(s)" if foreign
+                     else "")
     step = engine.global_steps
     keys_log = MetricsLog(out / f"keys-rank{runtime.rank}.jsonl") if t.record_keys else None
     for log_file in ((out / "metrics.jsonl") if runtime.is_main else None, keys_log and keys_log.path):
