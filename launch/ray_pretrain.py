@@ -8,28 +8,12 @@ Each Ray Train worker runs `pretrain(cfg)` on a DeepSpeed engine; a worker that 
 from the latest checkpoint, up to --max-failures times. Exit code 0 when training finished.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from jepa4rec_dist.cluster.jobs import ray_pretrain_main  # noqa: E402
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, later wins)")
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed (-1: no limit)")
-    parser.add_argument("--address", default="auto", help="Ray cluster to join (inside a Ray job: auto)")
-    parser.add_argument("--pid-dir", default=None, help="write each worker's pid here (operations, tests)")
-    parser.add_argument("--storage-path", default=None, help="Ray Train's RunConfig(storage_path): a shared folder "
-                        "or a URI such as s3://bucket/runs (default: <train.output_dir>/ray)")
-    args, overrides = parser.parse_known_args()
-    return ray_pretrain_main(args, overrides)
-
+from jepa4rec_dist.cluster.jobs import ray_job_cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(ray_job_cli(__doc__, "pretrain"))

@@ -28,6 +28,24 @@ def absolute_paths(cfg: Config) -> Config:
     return replace(cfg, data=data, train=train, finetune=finetune)
 
 
+def ray_job_cli(doc: str, job: str) -> int:
+    """The command line of launch/ray_pretrain.py and launch/ray_finetune.py (`job`: pretrain or finetune)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, later wins)")
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts allowed (-1: no limit)")
+    parser.add_argument("--address", default="auto", help="Ray cluster to join (inside a Ray job: auto)")
+    parser.add_argument("--pid-dir", default=None, help="write each worker's pid here (operations, tests)")
+    parser.add_argument("--storage-path", default=None, help="Ray Train's RunConfig(storage_path): a shared folder "
+                        "or a URI such as s3://bucket/runs (default: <output dir>/ray)")
+    args, overrides = parser.parse_known_args()
+    args.job = job
+    return ray_pretrain_main(args, overrides)
+
+
 def ray_pretrain_main(args, overrides: list[str]) -> int:
     import ray
 

@@ -80,12 +80,14 @@ def cache_dir() -> Path:
 def local_file(root, rel: str, sha256: str | None = None) -> Path:
     """A local path of `rel` under `root`: itself for a local root, else a cached download (fetched again when it
     is missing or its sha256 differs from `sha256`)."""
+    from jepa4rec_dist.data.shards import sha256_file
+
     root = normalize(root)
     if not isinstance(root, str):
         return root / rel
     url = join(root, rel)
     target = cache_dir() / hashlib.sha1(url.encode()).hexdigest()[:16] / Path(rel).name
-    if target.is_file() and (sha256 is None or _sha256(target) == sha256):
+    if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
         return target
     data = read_bytes(url)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
@@ -95,14 +97,6 @@ def local_file(root, rel: str, sha256: str | None = None) -> Path:
     tmp.write_bytes(data)
     tmp.replace(target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_location(root, rel: str, template: str | None = None) -> str:
