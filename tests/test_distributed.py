@@ -40,8 +40,8 @@ def args(root, out, zero, *extra):
             "--train.record_keys=true", "--train.collective_timeout_s=60", *extra]
 
 
-def launch(root, out, zero, *extra, wait=True):
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch/pretrain.py"),
+def launch(root, out, zero, *extra, wait=True, ranks=2):
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launch/pretrain.py"),
            *args(root, out, zero, *extra)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -259,10 +259,12 @@ def test_hybrid_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
         assert a["targets"] == b["targets"]
 
 
-def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path):
-    """The ZeRO-2 run's step-3 checkpoint continued by one plain process: the engine state goes through DeepSpeed's
-    universal checkpoint (weights equal DeepSpeed's own fp32 consolidation), the epoch's remaining samples (the
-    ones both ranks used at step 4) are each seen exactly once, and the run goes on to its last step."""
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path, zero):
+    """The ZeRO-2 (ZeRO-3) run's step-3 checkpoint continued by one plain process: the engine state goes through
+    DeepSpeed's universal checkpoint (weights equal DeepSpeed's own fp32 consolidation, the lr where the schedule
+    left it), the epoch's remaining samples (the ones both ranks used at step 4) are each seen exactly once, and
+    the run goes on to its last step."""
     import shutil
     from collections import Counter
 
@@ -273,13 +275,13 @@ def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path):
 
     root, base = runs
     run = tmp_path / "one"
-    shutil.copytree(base / "z2", run)
+    shutil.copytree(base / f"z{zero}", run)
     shutil.rmtree(run / "checkpoints" / "step-0000006")
     shutil.rmtree(run / "export")
-    cfg = load_config([REPO / "configs/model/tiny.yaml"], args(root, run, 2)[2:])
+    cfg = load_config([REPO / "configs/model/tiny.yaml"], args(root, run, zero)[2:])
     result = pretrain(cfg, progress=False)  # one process: no DeepSpeed launcher, no process group
     assert result["step"] == STEPS and (run / "export" / "model.safetensors").is_file()
-    left = Counter(k for k in step_keys(base / "z2", 0)[4] + step_keys(base / "z2", 1)[4])
+    left = Counter(k for k in step_keys(base / f"z{zero}", 0)[4] + step_keys(base / f"z{zero}", 1)[4])
     resumed = step_keys(run, 0)
     assert Counter(resumed[4] + resumed[5]) == left  # 8 samples, batches of 4 on one rank: steps 4 and 5
     assert [r["world"] for r in rows(run) if "loss" in r] == [2, 2, 2, 1, 1, 1]
@@ -290,9 +292,103 @@ def test_a_two_rank_run_resumes_on_one_process(runs, tmp_path):
     engine = _make_engine(build_pretrain_model(cfg, tok), cfg, type("R", (), {"distributed": False})(),
                           torch.device("cpu"))
     load_universal_into(engine, universal)
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(base / "z2" / "checkpoints"), tag="step-0000003")
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(base / f"z{zero}" / "checkpoints"), tag="step-0000003")
     mine = dict(engine.module.named_parameters())
     assert engine.global_steps == 3 and consolidated
+    # the optimizer's lr where the schedule left it (the lr logged after step 3 is the one step 4 uses)
+    assert engine.get_lr() == pytest.approx([rows(base / f"z{zero}")[2]["lr"]]) and engine.get_lr()[0] < cfg.train.lr
     for name, value in consolidated.items():
         if name in mine and mine[name].requires_grad:
             torch.testing.assert_close(mine[name].detach(), value.float(), rtol=0, atol=0, msg=name)
+
+
+def continued_losses(root, run, tag, ranks, start, zero=2):
+    """One process continuing checkpoint `tag` of `run` (a single-process one directly, a ZeRO one through its
+    universal checkpoint) over the global batches the resumed run's `ranks` recorded from step `start` on."""
+    from jepa4rec_dist.train.distributed import load_universal_into, universal_checkpoint
+
+    cfg = load_config([REPO / "configs/model/tiny.yaml"], args(root, run, zero)[2:])
+    seed_everything(cfg.train.seed)
+    tok, loader = data_for(cfg)
+    model = build_pretrain_model(cfg, tok)
+    target = make_target_encoder(model.encoder)
+    t = cfg.train
+    engine = TorchEngine(model, t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.clip_norm, 1,
+                         torch.device("cpu"), torch.float32)
+    folder = Path(run) / "checkpoints"
+    if (folder / tag / "engine.pt").is_file():
+        engine.load_checkpoint(folder, tag)
+    else:
+        load_universal_into(engine, universal_checkpoint(folder / tag))
+    target.load_state_dict(torch.load(folder / tag / "target.pt", map_location="cpu"))
+    records = {r["key"]: r for r in iter_records(root, "train")}
+    keys = [step_keys(run, rank, True) for rank in range(ranks)]
+    losses = []
+    for step in range(start, STEPS + 1):
+        batch = loader.collator.batch([loader.collator.example(k, records[k], e) for by in keys for e, k in by[step]])
+        out = engine(batch, target)
+        engine.backward(out["loss"])
+        assert engine.step()
+        ema_update(target, model.encoder.parameters(), ema_momentum(step, t.max_steps, 0.996, 1.0))
+        losses.append({k: float(v.detach()) for k, v in out.items()})
+    return losses
+
+
+def assert_same_losses(got, ref):
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        for key in ("loss", "loss_cl", "loss_mlm", "loss_map"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_a_single_process_run_resumes_on_two_ranks(uneven_dataset, tmp_path, zero):
+    """A plain single-process run's step-3 checkpoint continued by 2 DeepSpeed ranks: the checkpoint is written
+    in the universal layout (by parameter name) and loaded by ZeRO, so the 2-rank losses equal one process that
+    continues the same checkpoint on the same global batches; the epoch's remaining samples are each seen once."""
+    from collections import Counter
+
+    from jepa4rec_dist.train.pretrain import pretrain
+
+    root, _ = uneven_dataset
+    run = tmp_path / "one-then-two"
+    cfg = load_config([REPO / "configs/model/tiny.yaml"], args(root, run, zero, "--loader.batch_size=8")[2:])
+    pretrain(cfg, progress=False)  # global batch 8 on one process, as 2 ranks x 4 will have
+    single = step_keys(run, 0, True)
+    for tag in ("step-0000006",):
+        import shutil
+
+        shutil.rmtree(run / "checkpoints" / tag)
+    shutil.rmtree(run / "export")
+    launch(root, run, zero)
+    assert [r["world"] for r in rows(run) if "loss" in r] == [1, 1, 1, 2, 2, 2]
+    assert (run / "checkpoints" / "step-0000003" / "universal" / "zero" / "optimizer_state.pt").is_file()
+    resumed = [step_keys(run, rank, True) for rank in (0, 1)]
+    # the rest of epoch 0: the samples the single process used after step 3, each once (epoch 1 is the new world's)
+    after = Counter(x for s in (4, 5, 6) for x in single[s] if x[0] == 0)
+    assert after and Counter(x for by in resumed for s in (4, 5, 6) for x in by[s] if x[0] == 0) == after
+    got = [r for r in rows(run) if "loss" in r][3:]
+    assert_same_losses(got, continued_losses(root, run, "step-0000003", 2, 4, zero))
+
+
+def test_a_two_rank_run_resumes_on_three_ranks(runs, tmp_path):
+    """The ZeRO-2 run's step-3 checkpoint continued by 3 ranks: the 8 samples left of the epoch are dealt to the
+    3 ranks (4 repeated to fill equal batches of 4, and said so in the log), every one of them is seen, and the
+    3-rank losses equal one process continuing the universal checkpoint on the same global batches."""
+    import shutil
+    from collections import Counter
+
+    root, base = runs
+    run = tmp_path / "three"
+    shutil.copytree(base / "z2", run)
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    shutil.rmtree(run / "export")
+    output = launch(root, run, 2, ranks=3)
+    assert [r["world"] for r in rows(run) if "loss" in r] == [2, 2, 2, 3, 3, 3]
+    left = Counter(step_keys(base / "z2", 0)[4] + step_keys(base / "z2", 1)[4])
+    resumed = [step_keys(run, rank) for rank in range(3)]
+    seen = Counter(k for by in resumed for k in by[4])
+    assert set(seen) == set(left) and sum(seen.values()) == 12, seen  # each left sample, 4 repeats
+    assert "repeat" in output, output[-3000:]
+    got = [r for r in rows(run) if "loss" in r][3:]
+    assert_same_losses(got, continued_losses(root, run, "step-0000003", 3, 4))

@@ -232,11 +232,13 @@ def test_repeat_gives_each_sequence_k_distinct_pairs(uneven_dataset):
     assert ld.total_samples == 3 * 35 and len(ld) == len(list(ld))  # planned batch count = streamed
 
 
-@pytest.mark.parametrize("new_world, new_workers", [(1, 2), (1, 1), (3, 1)])
-def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_dataset, new_world, new_workers):
+@pytest.mark.parametrize("new_world, new_workers, new_batch", [(1, 2, 4), (1, 1, 4), (3, 1, 4), (1, 1, 8)])
+def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_dataset, new_world, new_workers,
+                                                                   new_batch):
     """A 2-rank x 1-worker fixed-mode epoch stopped after 3 of its 4 steps continues on another world: the new
     ranks together yield exactly the samples the old ranks had not yet yielded this epoch (one process: each once;
-    3 ranks: equal batches, the last step filled with repeats), then the next epoch follows the new plan."""
+    3 ranks: equal batches, the last step filled with repeats), then the next epoch follows the new plan. The
+    per-rank batch may change with the world (2 x 4 -> 1 x 8 keeps the global batch)."""
     from collections import Counter
 
     root, _ = uneven_dataset
@@ -249,7 +251,7 @@ def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_datase
         states.append(ld.state_dict())
         expected.update(k for batch in it for k in batch["keys"])  # what the old ranks had left this epoch
     assert sum(expected.values()) == 8  # 1 step of 4 left on each of the 2 ranks
-    new = [loader(root, rank=r, world=new_world, num_workers=new_workers, mode="fixed", seed=5, batch_size=4)
+    new = [loader(root, rank=r, world=new_world, num_workers=new_workers, mode="fixed", seed=5, batch_size=new_batch)
            for r in range(new_world)]
     got, sizes = Counter(), set()
     for ld in new:
@@ -259,11 +261,12 @@ def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_datase
         sizes.add(tuple(len(b["keys"]) for b in batches))
     if new_world == 1:
         assert got == expected  # every remaining sample exactly once
+        assert sizes == {(8,)} if new_batch == 8 else sizes == {(4, 4)}
     else:
         assert set(got) == set(expected) and len(sizes) == 1  # all of them, in equal batches on every rank
     for ld in new:  # the next epoch: the new world's own plan
         assert ld.epoch == 1 and ld.state_dict()["world_size"] == new_world and "foreign_states" not in ld.state_dict()
         fresh = loader(root, rank=ld.rank, world=new_world, num_workers=new_workers, mode="fixed", seed=5,
-                       batch_size=4)
+                       batch_size=new_batch)
         fresh.epoch = 1
         assert [b["keys"] for b in ld] == [b["keys"] for b in fresh]

@@ -299,12 +299,15 @@ class ShardLoader:
 
     def load_foreign_states(self, states: list[dict]) -> None:
         """Resume from the loader states of a run with another world size or worker count (`states[r]`: old rank
-        r's). Everything else (split, mode, batch size, seed, ...) must match."""
+        r's). The per-rank batch size may change with them (1 process x 8 -> 2 ranks x 4 keeps the global batch:
+        the old readers are replayed with the old size, the rest dealt in the new one); everything else (split,
+        mode, seed, ...) must match."""
         old = states[0]
-        for key in ("split", "mode", "batch_size", "seed", "shuffle", "total_samples", "repeat"):
+        for key in ("split", "mode", "seed", "shuffle", "total_samples", "repeat"):
             if old.get(key) != self._identity()[key]:
                 raise ValueError(f"loader state: '{key}' was {old.get(key)!r} when saved, now "
-                                 f"{self._identity()[key]!r}; only the world size and worker count may change")
+                                 f"{self._identity()[key]!r}; only the world size, worker count and batch size "
+                                 "may change")
         if len(states) != old["world_size"]:
             raise ValueError(f"loader state: {len(states)} rank states for a world of {old['world_size']}")
         epoch, fixed = int(old["epoch"]), old["mode"] == "fixed"
@@ -313,7 +316,7 @@ class ShardLoader:
         for rank, state in enumerate(states):
             plans = plan_readers(self.infos, self.root, rank, old["world_size"], workers, self.cfg.seed, epoch,
                                  self.shuffle, self.cfg.repeat, self.cfg.shard_url)
-            b = self.cfg.batch_size
+            b = int(old["batch_size"])
             counts = ([len(range(w, steps, workers)) for w in range(workers)] if fixed else
                       [p.samples // b if self.cfg.drop_last else -(-p.samples // b) for p in plans])
             done = _batches_done(counts, int(state["batches_consumed"]))
@@ -325,8 +328,9 @@ class ShardLoader:
                     if i >= done[reader]:
                         pending.extend(raw_batch)
         self._pending, self._foreign, self.epoch, self.consumed = pending, states, epoch, 0
-        log.info("loader %s: resuming epoch %d of a %d-rank x %d-worker run on %d ranks x %d workers: %d samples left",
-                 self.split, epoch, old["world_size"], workers, self.world, self.workers, len(pending))
+        log.info("loader %s: resuming epoch %d of a %d-rank x %d-worker run (batches of %d) on %d ranks x %d workers "
+                 "(batches of %d): %d samples left", self.split, epoch, old["world_size"], workers, old["batch_size"],
+                 self.world, self.workers, self.cfg.batch_size, len(pending))
 
     # --- state -----------------------------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -160,19 +160,25 @@ def deepspeed_config(spec: OptimSpec, world: int, bf16: bool, fp16: bool = False
     return merge_config(ds, user or {})
 
 
-def universal_checkpoint(tag_dir: Path) -> Path:
-    """DeepSpeed's universal checkpoint of a ZeRO checkpoint folder (`<tag_dir>/universal/`, converted once by
-    `deepspeed.checkpoint.ds_to_universal`): parameters and optimizer moments whole, loadable on any world size."""
+def universal_checkpoint(tag_dir: Path, names: list[str] | None = None) -> Path:
+    """DeepSpeed's universal checkpoint of a checkpoint folder (`<tag_dir>/universal/`): parameters and optimizer
+    moments whole, loadable on any world size. A ZeRO checkpoint is converted once by
+    `deepspeed.checkpoint.ds_to_universal`; a single-process (`TorchEngine`) one is written in the same layout
+    (`names`: the trainable parameters' names in the engine's order)."""
     import subprocess
     import sys
 
     tag_dir = Path(tag_dir)
     out = tag_dir / "universal"
-    if (out / "zero").is_dir() and (out / "mp_rank_00_model_states.pt").is_file():
+    if (out / "zero").is_dir() and any(out.glob("*mp_rank_00_model_states.pt")):
         return out
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
-        raise ValueError(f"{tag_dir}: not a DeepSpeed checkpoint (a single-process run's checkpoint resumes on one "
-                         "process only)")
+    if (tag_dir / "engine.pt").is_file():
+        if names is None:
+            raise ValueError(f"{tag_dir}: a single-process checkpoint needs the parameter names to convert")
+        return _universal_from_single_process(tag_dir, names)
+    if not any(tag_dir.glob("*mp_rank_00_model_states.pt")):
+        raise ValueError(f"{tag_dir}: neither a DeepSpeed checkpoint (*mp_rank_00_model_states.pt) nor a "
+                         "single-process one (engine.pt)")
     done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(tag_dir), "--output_folder", str(out), "--num_extract_workers", "1",
                            "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
@@ -181,30 +187,93 @@ def universal_checkpoint(tag_dir: Path) -> Path:
     return out
 
 
+def _universal_from_single_process(tag_dir: Path, names: list[str]) -> Path:
+    """A `TorchEngine` checkpoint (`engine.pt`) rewritten as DeepSpeed's universal checkpoint: per parameter
+    `zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`, the optimizer's global state (`zero/optimizer_state.pt`, in
+    the keys both the ZeRO-1/2 and the ZeRO-3 loaders read) and the engine's counters and lr schedule
+    (`mp_rank_00_model_states.pt`). Written to a temporary folder and renamed: a crash leaves no half checkpoint."""
+    import shutil
+
+    import deepspeed
+
+    state = torch.load(tag_dir / "engine.pt", map_location="cpu", weights_only=False)
+    module, optim = state["module"], state["optimizer"]
+    groups = optim["param_groups"]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(names):
+        raise ValueError(f"{tag_dir / 'engine.pt'}: {sum(len(g['params']) for g in groups)} optimizer parameters, "
+                         f"the model trains {len(names)} (another model?)")
+    group = {k: v for k, v in groups[0].items() if k != "params"}
+    step = torch.tensor(float(state["global_steps"]))
+    tmp = tag_dir / "universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "zero").mkdir(parents=True)
+    for index, name in zip(groups[0]["params"], names, strict=True):
+        if name not in module:
+            raise ValueError(f"{tag_dir / 'engine.pt'}: parameter {name!r} is missing (another model?)")
+        moments = optim["state"].get(index, {})
+        folder = tmp / "zero" / name
+        folder.mkdir()
+        weight = module[name].float()
+        for kind, value in (("fp32", weight), ("exp_avg", moments.get("exp_avg")),
+                            ("exp_avg_sq", moments.get("exp_avg_sq"))):
+            value = torch.zeros_like(weight) if value is None else value  # a parameter not yet stepped
+            torch.save({"param": value.float().contiguous(), "cat_dim": 0}, folder / f"{kind}.pt")
+        torch.save(step, folder / "step.pt")
+    # no loss scaler and no clip_grad: the loading engine keeps its own (the single process had no ZeRO optimizer)
+    torch.save({"dynamic_loss_scale": False, "overflow": False, "ds_version": deepspeed.__version__,
+                "param_groups": [group],
+                "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": [group]}},
+               tmp / "zero" / "optimizer_state.pt")
+    torch.save({"module": module, "buffer_names": [], "optimizer": None, "lr_scheduler": state["scheduler"],
+                "data_sampler": None, "random_ltd": None, "skipped_steps": int(state.get("skipped_steps", 0)),
+                "global_steps": int(state["global_steps"]), "dp_world_size": 1, "mp_world_size": 1,
+                "ds_version": deepspeed.__version__}, tmp / "mp_rank_00_model_states.pt")
+    # ZeRO-3 engines look for the engine state under their own name
+    (tmp / "zero_pp_rank_0_mp_rank_00_model_states.pt").hardlink_to(tmp / "mp_rank_00_model_states.pt")
+    tmp.rename(tag_dir / "universal")
+    return tag_dir / "universal"
+
+
 def load_universal_into(engine, universal: Path) -> None:
     """A single-process `TorchEngine` from a universal checkpoint: weights, AdamW moments and step, the lr
     schedule and the step counters, as the DeepSpeed engine had them."""
     universal = Path(universal)
-    states = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(sorted(universal.glob("*mp_rank_00_model_states.pt"))[0], map_location="cpu",
+                        weights_only=False)
     module = engine.module
-    if states.get("module"):
-        module.load_state_dict(states["module"], strict=False)
+    if states.get("module"):  # frozen weights and buffers (ZeRO-3 saves partitioned ones empty: left as built)
+        own = module.state_dict()
+        module.load_state_dict({k: v for k, v in states["module"].items() if k in own and v.shape == own[k].shape},
+                               strict=False)
     names = {id(p): n for n, p in module.named_parameters()}
+    # the ZeRO-1/2 layout keeps each parameter's step beside it, the ZeRO-3 one in the optimizer's global state
+    global_state = universal / "zero" / "optimizer_state.pt"
+    shared_step = None
+    if global_state.is_file():
+        optim = torch.load(global_state, map_location="cpu", weights_only=False).get("optimizer_state_dict") or {}
+        shared_step = (optim.get("state") or {}).get(0, {}).get("step")
     for p in engine.params:
         folder = universal / "zero" / names[id(p)]
         if not (folder / "fp32.pt").is_file():
             raise ValueError(f"{folder}: missing from the universal checkpoint (another model?)")
 
         def load(kind, p=p, folder=folder):
-            return torch.load(folder / f"{kind}.pt", map_location="cpu", weights_only=False)["param"].view_as(p)
+            value = torch.load(folder / f"{kind}.pt", map_location="cpu", weights_only=False)
+            return (value["param"] if isinstance(value, dict) else value).view_as(p)  # ZeRO-3: a flat tensor
 
         with torch.no_grad():
             p.copy_(load("fp32"))
-        step = torch.load(folder / "step.pt", map_location="cpu", weights_only=False)
+        step = (torch.load(folder / "step.pt", map_location="cpu", weights_only=False)
+                if (folder / "step.pt").is_file() else shared_step)
+        if step is None:
+            raise ValueError(f"{folder}: no optimizer step in the universal checkpoint")
         engine.optimizer.state[p] = {"step": torch.as_tensor(float(step), dtype=torch.float32),
                                      "exp_avg": load("exp_avg").clone(), "exp_avg_sq": load("exp_avg_sq").clone()}
     if states.get("lr_scheduler"):
         engine.scheduler.load_state_dict(states["lr_scheduler"])
+        # LambdaLR's state holds the schedule's position, not the optimizer's current lr: set that too
+        for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     engine.global_steps = int(states["global_steps"])
     engine.micro_steps = engine.global_steps * engine.grad_accum
 

@@ -165,8 +165,9 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
     if other_world:
         from jepa4rec_dist.train.distributed import universal_checkpoint
 
-        if runtime.is_main:
-            universal = universal_checkpoint(ckpts.folder / tag)
+        if runtime.is_main:  # a single process's checkpoint is rewritten in the universal layout by name
+            universal = universal_checkpoint(ckpts.folder / tag,
+                                             [n for n, p in model.named_parameters() if p.requires_grad])
         runtime.barrier()
         universal = ckpts.folder / tag / "universal"
     engine = _make_engine(model, cfg, runtime, device, universal is not None)
