@@ -1,6 +1,6 @@
 """Benchmark entry point.
 
-    python benchmarks/run.py --suite kernels|train|data|ann|all --device cpu|cuda --shapes tiny|paper|long
+    python benchmarks/run.py --suite kernels|train|data|ann|scale|all --device cpu|cuda --shapes tiny|paper|long
     python benchmarks/run.py --compare A.jsonl B.jsonl      # median ratios B/A of matching rows
     python benchmarks/run.py --readme                      # README "Performance" from benchmarks/results/
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-SUITE_NAMES = ("kernels", "train", "data", "ann")  # --suite all runs them in this order
+SUITE_NAMES = ("kernels", "train", "data", "ann", "scale")  # --suite all runs them in this order
 
 
 def main(argv=None) -> int:

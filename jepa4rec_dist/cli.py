@@ -251,7 +251,7 @@ def cmd_embed(args, overrides: list[str]) -> int:
     if bool(args.data) == bool(args.items):
         raise ValueError("embed: give --data (a prepared catalogue) or --items (an item file), one of them")
     if args.items:
-        from jepa4rec_dist.train.engine import resolve_device
+        from jepa4rec_dist.device import resolve_device
 
         model = ExportModel.load(args.model, resolve_device("auto"))
         ids, dicts = read_item_file(args.items, args.id_column)
@@ -304,6 +304,7 @@ def _recommend_from_vectors(args) -> int:
     and --items files), candidates are the vector file's items (new items included)."""
     import numpy as np
 
+    from jepa4rec_dist.device import resolve_device
     from jepa4rec_dist.serve import (
         ExportModel,
         ItemLookup,
@@ -313,7 +314,6 @@ def _recommend_from_vectors(args) -> int:
         top_k,
         user_history,
     )
-    from jepa4rec_dist.train.engine import resolve_device
 
     given = [x for x in (args.history, args.user, args.histories) if x]
     if len(given) != 1:
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="raw data -> items.parquet + WebDataset shards + manifest.json")
-    p.add_argument("--dataset", help="ml-100k | ml-1m | amazon | generic (data.dataset)")
+    p.add_argument("--dataset", help="ml-100k | ml-1m | amazon | amazon2023 | recbole | generic (data.dataset)")
     p.add_argument("--out", help="output directory (data.out_dir)")
     p.add_argument("--tokenizer", help="minilm | roberta | local tokenizer dir (tokenizer.name)")
     p.add_argument("--ray-address", help="write shards as Ray tasks on this cluster (e.g. 127.0.0.1:6379)")

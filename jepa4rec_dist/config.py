@@ -20,11 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from jepa4rec_dist.baselines.graph import GraphConfig
-from jepa4rec_dist.baselines.gru4rec import GRU4RecConfig
-from jepa4rec_dist.baselines.sasrec import SASRecConfig
-from jepa4rec_dist.baselines.text_pop import TextPopConfig
-from jepa4rec_dist.hybrid.model import HybridConfig
+from jepa4rec_dist.baselines.configs import GraphConfig, GRU4RecConfig, SASRecConfig, TextPopConfig
+from jepa4rec_dist.hybrid.config import HybridConfig
 
 # --------------------------------------------------------------------------------------------------------
 # Sections
@@ -41,7 +38,7 @@ class TokenizerConfig:
 
 @dataclass
 class ItemTextConfig:
-    """How an item becomes a sentence (SPEC section 1)."""
+    """How an item becomes a sentence (docs/method.md, section 1)."""
 
     # Attribute names in order; None = the dataset's default (MovieLens: title, genres, year;
     # Amazon: title, brand, category; generic: required).
@@ -157,7 +154,7 @@ class DataConfig:
 
 @dataclass
 class SequenceConfig:
-    """How a user's history becomes one token sequence (SPEC section 2)."""
+    """How a user's history becomes one token sequence (docs/method.md, section 1)."""
 
     max_items: int = 50
     max_tokens: int = 1024
@@ -181,7 +178,7 @@ class MaskingConfig:
     unit: Literal["word", "token", "attribute", "item"] = "word"
     replace_mask: float = 0.8  # of the chosen tokens: share replaced by the mask token
     replace_random: float = 0.1  # share replaced by a random token; the rest is kept
-    # "all": every non-special token (keys and values, SPEC); "values": attribute values only.
+    # "all": every non-special token (keys and values, docs/method.md); "values": attribute values only.
     maskable: Literal["all", "values"] = "all"
 
     def validate(self, prefix: str) -> None:
@@ -202,7 +199,7 @@ class MaskingConfig:
 
 @dataclass
 class PretrainConfig:
-    # "jepa": target view unmasked + context view masked (SPEC section 4);
+    # "jepa": target view unmasked + context view masked (docs/method.md, section 3);
     # "recformer": unmasked views for the contrastive loss + MLM inputs on both sides.
     objective: Literal["jepa", "recformer"] = "jepa"
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -213,7 +210,7 @@ class PretrainConfig:
     ema_momentum: float = 0.996  # target encoder: cosine ramp from this to ema_momentum_end over train.max_steps
     ema_momentum_end: float = 1.0
     predictor_hidden: int | None = None  # 2-layer MLP predictor width; null = hidden size
-    # RecFormer mode: contrastive loss on the unmasked views (SPEC) or on the MLM-masked views (one pass per
+    # RecFormer mode: contrastive loss on the unmasked views (as in the paper) or on the MLM-masked views (one pass per
     # side, as RecFormer's released code does).
     recformer_cl_views: Literal["unmasked", "masked"] = "unmasked"
     # In-batch negatives repeat popular next items: "mask" leaves the other copies of a row's own next item
@@ -236,7 +233,7 @@ class PretrainConfig:
 
 @dataclass
 class ModelConfig:
-    """Encoder shape and initialisation (SPEC section 3). Size presets live in configs/model/*.yaml."""
+    """Encoder shape and initialisation (docs/method.md, section 2). Size presets live in configs/model/*.yaml."""
 
     # "minilm": the real all-MiniLM-L6-v2 weights from the installed package; a path: a local HF BERT,
     # RoBERTa or Longformer checkpoint directory; null: random init with the shape below.
@@ -254,7 +251,7 @@ class ModelConfig:
     type_vocab_size: int = 4  # CLS, key, value, pad
     attention_window: int = 32  # one-sided: |i - j| <= window (RecFormer's attention_window 64)
     attention_backend: str = "auto"  # auto | reference | sdpa | flex | triton | flash
-    # Sequence / item representation: "cls" = final CLS state (RecFormer, SPEC); "mean" = mean over the
+    # Sequence / item representation: "cls" = final CLS state (RecFormer); "mean" = mean over the
     # non-pad tokens, what sentence encoders such as all-MiniLM-L6-v2 were trained to produce.
     pooling: Literal["cls", "mean"] = "cls"
     gradient_checkpointing: bool = False
@@ -320,7 +317,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Two-stage finetuning (SPEC section 5), or the item-vector model (`model: hybrid`, section `hybrid`)."""
+    """Two-stage finetuning (docs/method.md, section 4), or the item-vector model (`model: hybrid`, section `hybrid`)."""
 
     # "encoder": RecFormer's two-stage finetuning of the token-level encoder; "hybrid": the item-vector
     # sequence model (IDs and/or text vectors from a text encoder) of `jepa4rec_dist.hybrid`.

@@ -13,15 +13,16 @@ becomes a sentence: attribute order and lengths, sequence limits), `model.safete
 package's data pipeline is needed to encode raw items. Vectors are L2-normalised pooled states, exactly what
 `jepa4rec embed` and evaluation compute (they share `encode_item_dicts`).
 
-Registration costs the import of transformers' configuration classes (~0.5 s); the model class itself is
-imported only when AutoModel first needs it (a stand-in class is registered and forwards to it).
+`import jepa4rec_dist` does not import transformers: it registers these classes when transformers' own Auto
+modules are first imported (`jepa4rec_dist/__init__.py`), the config with `AutoConfig`, a stand-in with
+`AutoModel`; the model class itself is imported only when AutoModel first needs it (the stand-in forwards to it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import PretrainedConfig
 
 MODEL_TYPE = "jepa4rec"
 UPGRADE_HINT = "jepa4rec upgrade-export {folder} --data PREPARED_DIR"
@@ -165,9 +166,21 @@ class Jepa4RecModelStandIn:
     from_config = _from_config
 
 
-def register() -> None:
+def register_config() -> None:
+    from transformers.models.auto.configuration_auto import AutoConfig
+
     AutoConfig.register(MODEL_TYPE, Jepa4RecConfig, exist_ok=True)
+
+
+def register_model() -> None:
+    from transformers.models.auto.modeling_auto import AutoModel
+
     AutoModel.register(Jepa4RecConfig, Jepa4RecModelStandIn, exist_ok=True)
+
+
+def register() -> None:
+    register_config()
+    register_model()
 
 
 def __getattr__(name):  # `from jepa4rec_dist.hf import Jepa4RecModel`: the real class

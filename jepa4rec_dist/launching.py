@@ -28,7 +28,7 @@ def launcher_cli(job: str, doc: str, argv: list[str] | None = None) -> int:
 
 
 def runtime_from_env(env: dict, local_rank_arg: int | None):
-    from jepa4rec_dist.train.pretrain import Runtime
+    from jepa4rec_dist.train.runtime import Runtime
 
     launched = "RANK" in env and "WORLD_SIZE" in env  # deepspeed / torchrun / Ray Train set these
     if not launched:

@@ -3,7 +3,7 @@
 local_global_attention  Longformer-style band + global-token attention; backends reference / sdpa / flex /
                         triton / flash (kernels/local_global_attention.py).
 infonce_loss            InfoNCE / full-softmax loss without the N x M logit matrix; backends reference /
-                        chunked / triton (kernels/infonce.py).
+                        chunked / triton / gemm (kernels/infonce.py).
 Triton is imported lazily, on the first call of a triton backend.
 """
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels._local_global_common import effective_masks
+
 _PAD_SCORE = 1000.0  # scaled score subtracted from padded keys
 
 
@@ -181,9 +183,7 @@ def flash_local_global(q, k, v, window, global_mask, padding_mask, ops: WindowOp
             raise ValueError(f"flash backend needs head_dim a multiple of 8 and <= 248, got {q.shape[-1]}")
         ops = flash_attn_ops()
     batch, _, length, _ = q.shape
-    from kernels.local_global_attention import _effective_masks
-
-    glob, pad = _effective_masks(batch, length, q.device, global_mask, padding_mask)
+    glob, pad = effective_masks(batch, length, q.device, global_mask, padding_mask)
     n_glob = int(glob.sum(1).max()) if length else 0  # sync point: sizes the dense global passes
     gidx = torch.argsort((~glob).to(torch.int8), dim=1, stable=True)[:, :n_glob]
     gvalid = torch.arange(n_glob, device=q.device)[None, :] < glob.sum(1, keepdim=True)

@@ -27,8 +27,10 @@ Backends (an explicit request that cannot run raises; it never falls back):
              C x M per chunk (768 MiB by default) + an fp32 M x d dK accumulator; keys normalised through
              norm vectors (no normalised copy of the item table). Runs anywhere: off CUDA and the
              interpreter its fused step is the plain-PyTorch twin.
-  auto       triton on CUDA, reference on CPU. (`gemm` is the candidate to replace triton on CUDA once a GPU
-             run has timed both: benchmarks/suites/kernels.py has both rows.)
+  auto       triton on CUDA; on CPU reference while the N x M fp32 logits stay under 2^25 elements (128 MiB),
+             chunked above (a finetuning step over a 10^6-item catalogue would otherwise hold gigabytes of
+             logits: the scale suite measured it). (`gemm` is the candidate to replace triton on CUDA once a
+             GPU run has timed both: benchmarks/suites/kernels.py has both rows.)
 
 Design choice for `triton`: backward recomputes the logits tile by tile from the saved lse rather than
 computing gradients inside the forward (Liger style). Both need the same passes here (lse first, then dQ
@@ -47,7 +49,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["infonce_loss", "available_backends", "BACKENDS"]
+from kernels._platform import triton_missing
+
+__all__ = ["infonce_loss", "available_backends", "resolve_auto", "BACKENDS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_ELEMENTS = 2**25  # chunked backend: C x M fp32 logits per chunk (128 MiB)
@@ -121,52 +125,78 @@ def _reference(q, k, targets, inv_temp, key_ids=None):
 
 
 class _ChunkedFn(torch.autograd.Function):
+    """Tiles of R query rows x Kc keys (R x Kc <= _CHUNK_ELEMENTS fp32 logits): the forward keeps a running
+    log-sum-exp per row across key blocks, the backward recomputes each tile. Every row tile reads the key
+    table once, so the cost stays linear in M (with row chunks alone, rows per chunk = budget / M fell as the
+    catalogue grew, and the table was re-read M / budget times per row: quadratic in M)."""
+
     @staticmethod
-    def forward(ctx, q, k, targets, inv_temp, chunk, key_ids):
-        kf = k.float()
+    def forward(ctx, q, k, targets, inv_temp, key_ids):
+        rows, keys = _tiles(q.shape[0], k.shape[0])
         row_ids = None if key_ids is None else key_ids[targets]
-        cols = torch.arange(k.shape[0], device=k.device)
-        lse = []
-        for i in range(0, q.shape[0], chunk):
-            logits = (q[i:i + chunk].float() @ kf.T) * inv_temp
-            excluded = _excluded(row_ids, key_ids, targets, i, i + logits.shape[0], cols)
-            if excluded is not None:
-                logits = logits.masked_fill(excluded, float("-inf"))
-            lse.append(torch.logsumexp(logits, -1))
-        lse = torch.cat(lse)
+        lse = torch.full((q.shape[0],), float("-inf"), dtype=torch.float32, device=q.device)
+        for i in range(0, q.shape[0], rows):
+            qc = q[i:i + rows].float()
+            for a in range(0, k.shape[0], keys):
+                logits = (qc @ k[a:a + keys].float().T) * inv_temp
+                excluded = _excluded_block(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + logits.shape[1])
+                if excluded is not None:
+                    logits = logits.masked_fill(excluded, float("-inf"))
+                lse[i:i + rows] = torch.logaddexp(lse[i:i + rows], torch.logsumexp(logits, -1))
         target_logit = (q.float() * k[targets].float()).sum(-1) * inv_temp
         ctx.save_for_backward(q, k, targets, lse, key_ids)
-        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        ctx.inv_temp = inv_temp
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
         q, k, targets, lse, key_ids = ctx.saved_tensors
-        inv_temp, chunk = ctx.inv_temp, ctx.chunk
-        kf, grad_loss = k.float(), grad_loss.float()
+        inv_temp, grad_loss = ctx.inv_temp, grad_loss.float()
+        rows, keys = _tiles(q.shape[0], k.shape[0])
         row_ids = None if key_ids is None else key_ids[targets]
-        cols = torch.arange(k.shape[0], device=k.device)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, q.shape[0], chunk):
-            qc = q[i:i + chunk].float()
-            # d loss_r / d logits_rj = softmax_rj - [j == t_r], times the upstream weight of row r
-            g = torch.exp((qc @ kf.T) * inv_temp - lse[i:i + chunk, None])
-            excluded = _excluded(row_ids, key_ids, targets, i, i + g.shape[0], cols)
-            if excluded is not None:
-                g.masked_fill_(excluded, 0.0)
-            rows = torch.arange(g.shape[0], device=g.device)
-            g[rows, targets[i:i + chunk]] -= 1.0
-            g *= grad_loss[i:i + chunk, None] * inv_temp
-            dq[i:i + chunk] = g @ kf
-            if dk is not None:
-                dk += g.T @ qc
-        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None, None
+        for i in range(0, q.shape[0], rows):
+            qc = q[i:i + rows].float()
+            weight = grad_loss[i:i + rows, None] * inv_temp
+            for a in range(0, k.shape[0], keys):
+                kc = k[a:a + keys].float()
+                # d loss_r / d logits_rj = softmax_rj - [j == t_r], times the upstream weight of row r
+                g = torch.exp((qc @ kc.T) * inv_temp - lse[i:i + rows, None])
+                excluded = _excluded_block(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + kc.shape[0])
+                if excluded is not None:
+                    g.masked_fill_(excluded, 0.0)
+                t = targets[i:i + rows]
+                inside = (t >= a) & (t < a + kc.shape[0])
+                local = torch.arange(qc.shape[0], device=g.device)[inside]
+                g[local, t[inside] - a] -= 1.0
+                g *= weight
+                dq[i:i + rows] += g @ kc
+                if dk is not None:
+                    dk[a:a + keys] += g.T @ qc
+        return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), None, None, None
+
+
+ROW_TILE = 1024  # chunked backend: query rows per tile (fewer when the budget allows fewer keys per block)
+
+
+def _tiles(n: int, m: int) -> tuple[int, int]:
+    """(rows, keys) per tile of the chunked backend: at most _CHUNK_ELEMENTS logits, as many rows as fit
+    with the whole key table (small catalogues: one key block), else ROW_TILE rows and key blocks."""
+    rows = max(1, min(n, max(ROW_TILE, _CHUNK_ELEMENTS // max(1, m))))
+    return rows, max(1, _CHUNK_ELEMENTS // rows)
+
+
+def _excluded_block(row_ids, key_ids, targets, lo, hi, a, b):
+    """(hi - lo, b - a) bool: keys a..b-1 that share row r's positive id but are not its positive."""
+    if row_ids is None:
+        return None
+    cols = torch.arange(a, b, device=key_ids.device)
+    return (row_ids[lo:hi, None] == key_ids[None, a:b]) & (cols[None, :] != targets[lo:hi, None])
 
 
 def _chunked(q, k, targets, inv_temp, key_ids=None):
-    chunk = max(1, _CHUNK_ELEMENTS // k.shape[0])
-    return _ChunkedFn.apply(q, k, targets, inv_temp, chunk, key_ids)
+    return _ChunkedFn.apply(q, k, targets, inv_temp, key_ids)
 
 
 def _triton(q, k, targets, inv_temp, key_ids=None, splits=None):
@@ -184,6 +214,9 @@ def _gemm(q, k, targets, inv_temp, key_ids=None):
 
 
 def _triton_unavailable(device):
+    missing = triton_missing()
+    if missing is not None:
+        return missing
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return ("triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -194,13 +227,20 @@ BACKENDS = {
     "reference": (_reference, lambda device: None),
     "chunked": (_chunked, lambda device: None),
     "triton": (_triton, _triton_unavailable),
-    "gemm": (_gemm, lambda device: None),
+    "gemm": (_gemm, lambda device: triton_missing()),  # its fused step is a Triton kernel (a torch twin off CUDA)
 }
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     device = torch.device(device)
     return [name for name, (_, why) in BACKENDS.items() if why(device) is None]
+
+
+def resolve_auto(rows: int, keys: int, device: str | torch.device = "cpu") -> str:
+    """The backend `auto` picks for `rows` queries against `keys` keys on `device`."""
+    if torch.device(device).type == "cuda":
+        return "triton"
+    return "reference" if rows * keys <= _CHUNK_ELEMENTS else "chunked"
 
 
 def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=True, backend="auto",
@@ -210,7 +250,7 @@ def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=Tru
     same id as a row's positive are not its negatives (module docstring)."""
     _check(queries, keys, targets, temperature, reduction, key_ids)
     if backend == "auto":
-        backend = "triton" if queries.device.type == "cuda" else "reference"
+        backend = resolve_auto(queries.shape[0], keys.shape[0], queries.device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown infonce backend {backend!r}; choose one of {['auto', *BACKENDS]}")
     fn, why = BACKENDS[backend]

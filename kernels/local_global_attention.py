@@ -1,6 +1,6 @@
 """Local-global attention (Longformer / RecFormer pattern) behind one signature and several backends.
 
-Semantics (SPEC section 3): query i attends key j iff key j is not padding and
+Semantics (docs/method.md, section 2): query i attends key j iff key j is not padding and
 (|i - j| <= window or global_mask[b, i] or global_mask[b, j]); scale 1/sqrt(head_dim). Padding query
 rows return zeros (and get zero gradient); a row that sees no key returns zeros, never NaN.
 
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels._local_global_common import effective_masks
 
 __all__ = ["local_global_attention", "available_backends", "BACKENDS", "dense_attention_mask"]
 
@@ -68,19 +70,12 @@ def _check_inputs(q, k, v, window, global_mask, padding_mask) -> None:
             raise ValueError(f"{name} is on {m.device} but q is on {q.device}")
 
 
-def _effective_masks(batch, length, device, global_mask, padding_mask):
-    """(global, padding) bool (B, L); a padded position is never global (padding wins)."""
-    pad = padding_mask if padding_mask is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
-    glob = global_mask & ~pad if global_mask is not None else torch.zeros_like(pad)
-    return glob, pad
-
-
 def dense_attention_mask(length, window, global_mask=None, padding_mask=None, batch=1, device="cpu"):
     """(B, L, L) bool, True = query i may attend key j (padding query rows are all False)."""
     device = global_mask.device if global_mask is not None else device
     batch = global_mask.shape[0] if global_mask is not None else (
         padding_mask.shape[0] if padding_mask is not None else batch)
-    glob, pad = _effective_masks(batch, length, device, global_mask, padding_mask)
+    glob, pad = effective_masks(batch, length, device, global_mask, padding_mask)
     pos = torch.arange(length, device=device)
     band = (pos[:, None] - pos[None, :]).abs() <= window
     allowed = band[None] | glob[:, :, None] | glob[:, None, :]
@@ -143,7 +138,7 @@ def flex_mask_mod(batch, length, window, device, global_mask, padding_mask):
     suffix) give an index-only mask_mod: index arithmetic and one per-sequence length, no (B, L) lookups, so the
     block mask is built from indices alone. Other masks get the general mask_mod over the (B, L) masks.
     Deciding which costs one host sync a batch (cached, like the block mask itself)."""
-    glob, pad = _effective_masks(batch, length, device, global_mask, padding_mask)
+    glob, pad = effective_masks(batch, length, device, global_mask, padding_mask)
     lengths = (~pad).sum(1)
     pos = torch.arange(length, device=device)
     suffix_pad = bool((pad == (pos[None, :] >= lengths[:, None])).all())
@@ -173,7 +168,7 @@ def _build_flex_mask(create_block_mask, batch, length, window, device, global_ma
 
 def _global_index(batch, length, device, global_mask, padding_mask):
     """int8 padding / global masks, int32 compact global index (globals first, ascending) and counts."""
-    glob, pad = _effective_masks(batch, length, device, global_mask, padding_mask)
+    glob, pad = effective_masks(batch, length, device, global_mask, padding_mask)
     order = torch.argsort((~glob).to(torch.int8), dim=1, stable=True)  # global positions first
     return (pad.to(torch.int8).contiguous(), glob.to(torch.int8).contiguous(),
             order.to(torch.int32).contiguous(), glob.sum(1, dtype=torch.int32).contiguous())
@@ -211,6 +206,10 @@ def _cuda_only(what):
 
 
 def _triton_check(device):
+    from kernels._platform import triton_missing
+
+    if triton_missing() is not None:
+        return triton_missing()
     if device.type == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -15,7 +15,7 @@ from benchmarks.harness import PERF_END, PERF_START, ROW_KEYS, read_jsonl
 from benchmarks.run import main
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("kernels", "train", "data", "ann")
+SUITES = ("kernels", "train", "data", "ann", "scale")
 
 
 def run_cli(*args, timeout=600):
@@ -36,11 +36,12 @@ def test_every_suite_writes_json_lines_a_table_and_a_plot(smoke):
     out, stdout, rows = smoke
     for suite in SUITES:
         assert rows[suite], suite
-        assert (out / f"{suite}-cpu.png").stat().st_size > 0
+        if suite != "scale":  # one size in a smoke run: no growth to plot
+            assert (out / f"{suite}-cpu.png").stat().st_size > 0
         md = (out / f"{suite}-cpu.md").read_text()
         assert md.startswith(f"# {suite} on ") and "| name | provider | shape |" in md
         assert f"suite={suite}" in stdout
-    assert stdout.count("| name | provider | shape | dtype | median ms |") == 4  # the printed tables
+    assert stdout.count("| name | provider | shape | dtype | median ms |") == 5  # the printed tables
     ann = {r["provider"]: r for r in rows["ann"]}  # smoke: exact and one HNSW setting, recall against exact
     assert ann["exact"]["recall_at_10"] == 1.0 and 0.9 <= ann["hnsw[ef=32]"]["recall_at_10"] <= 1.0
 
@@ -164,3 +165,26 @@ def test_kernel_peers(smoke):
     infonce = [r for r in rows["kernels"] if r["name"] == "infonce" and r["provider"] == "chunked"]
     assert {(r["M"], r["keys_grad"]) for r in infonce} == {(256, True), (2048, True)}
     assert all(r["ok"] for r in infonce)
+
+
+def test_scale_smallest_size(smoke):
+    """The scale suite's smallest size (10^5 interactions, 10^4 items): every stage measured in its own process,
+    with its peak memory; the shards, the evaluation and the finetuning step ran on the prepared data."""
+    _, _, rows = smoke
+    assert [(r["name"], r["provider"]) for r in rows["scale"]] == [
+        ("generate", "synthetic"), ("prepare", "prepare"), ("stream", "shards"), ("evaluate", "full_ranking"),
+        ("finetune", "hybrid[b8]"), ("finetune", "hybrid")]  # one size: no slope rows
+    scale = {r["name"]: r for r in rows["scale"]}  # finetune: the FT_BATCH row
+    for row in scale.values():
+        assert row["interactions"] == 100_000 and row["median_ms"] > 0 and row["peak_mem_bytes"] > 0
+    assert scale["generate"]["items"] == 10_000 and scale["prepare"]["shard_bytes"] > 0
+    assert 0 <= scale["evaluate"]["ndcg_at_10"] <= 1 and scale["evaluate"]["ms_per_user"] > 0
+    assert scale["finetune"]["queries"] > rows["scale"][4]["queries"] > 0 and scale["stream"]["sequences_per_s"] > 0
+    assert "bytes_per_logit" in scale["finetune"] and scale["finetune"]["ok"] is None  # too small to judge
+
+
+def test_scale_slopes():
+    from benchmarks.suites.scale import fit_slope
+
+    assert fit_slope([1e5, 1e6, 1e7], [2.0, 20.0, 200.0]) == pytest.approx(1.0)
+    assert fit_slope([1e5, 1e6], [1.0, 100.0]) == pytest.approx(2.0)

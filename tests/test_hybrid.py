@@ -355,8 +355,8 @@ def test_new_item_offset_anchored_on_a_reference_export(successor, tmp_path):
     (1 - tolerance) x the reference's on the same users (bisected from the grid point before); a reference
     trained on other data is an error naming both."""
     from jepa4rec_dist.eval.context import EvalContext
+    from jepa4rec_dist.eval.loop import run_eval
     from jepa4rec_dist.hybrid.train import choose_new_item_offset
-    from jepa4rec_dist.train.finetune import run_eval
     from tests.test_evaluation import prepare_new_items
 
     data = tmp_path / "new"
@@ -501,3 +501,23 @@ def test_a_text_model_moves_to_another_catalogue(successor, tmp_path):
                             f"--hybrid.init_from={other}"), progress=False)
     with pytest.raises(ValueError, match="epochs: must be >= 1"):
         HybridConfig(epochs=0).validate("hybrid")
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "text", "id"])
+def test_a_history_reads_its_items_without_the_whole_table(mode):
+    """`item_inputs_at` (what forward reads: the history's items only, not an (N, H) table per call) equals the
+    full table's rows, with and without an ID mask; pads read zeros."""
+    torch.manual_seed(0)
+    n = 9
+    text = torch.nn.functional.normalize(torch.randn(n, 12), dim=-1)
+    model = HybridSeqRec(n, HybridConfig(mode=mode, hidden=8, id_init="normal"), text if mode != "id" else None,
+                         torch.arange(n) + 1)
+    index = torch.tensor([[0, 3, 3, 8], [5, 1, 2, 7]])
+    for keep in (None, torch.tensor([True, False] * 4 + [True])):
+        model.set_id_mask(keep)
+        torch.testing.assert_close(model.item_inputs_at(index), model.item_inputs()[index])
+    model.set_id_mask(None)
+    ids = torch.tensor([[0, 0, 4, 9], [1, 2, 3, 4]])  # item index + 1, 0 = pad
+    out = model.eval()(ids)
+    assert out.shape == (2, 4, model.cfg.hidden * (len(model.experts) if len(model.experts) > 1 else 1))
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))

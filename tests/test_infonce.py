@@ -300,3 +300,50 @@ def test_fp16_gradients_do_not_underflow_with_small_row_weights():
     for backend in ("triton", "gemm"):
         rel = ((grads[backend] - grads["reference"]).norm() / grads["reference"].norm()).item()
         assert rel < 1e-2, (backend, rel)
+
+
+def test_auto_on_cpu_switches_to_chunked_for_big_logit_matrices(monkeypatch):
+    """`auto` on CPU: the reference while N x M logits are small, the chunked backend above the threshold (the
+    scale suite's finetuning step over 10^6 items held gigabytes of logits with the reference); same numbers."""
+    import kernels.infonce as mod
+
+    assert mod.resolve_auto(256, 10_000) == "reference" and mod.resolve_auto(256, 10**6) == "chunked"
+    assert mod.resolve_auto(256, 10**6, "cuda") == "triton"
+    monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 64)  # 12 x 40 logits: over it, 2 rows per chunk
+    torch.manual_seed(0)
+    q, k = torch.randn(12, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (12,))
+    assert mod.resolve_auto(12, 40) == "chunked"
+    got = mod.infonce_loss(q, k, targets, backend="auto")
+    dq, dk = torch.autograd.grad(got, (q, k))
+    ref = mod.infonce_loss(q, k, targets, backend="reference")
+    rq, rk = torch.autograd.grad(ref, (q, k))
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(dq, rq)
+    torch.testing.assert_close(dk, rk)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_chunked_tiles_rows_and_key_blocks(monkeypatch, frozen):
+    """The chunked backend's 2-D tiles (4 rows x 6 keys here): running log-sum-exp across key blocks, targets and
+    duplicate-positive masks in any block, per-row upstream weights; equal to the reference, with and without key
+    gradients."""
+    import kernels.infonce as mod
+
+    monkeypatch.setattr(mod, "ROW_TILE", 4)
+    monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 24)
+    assert mod._tiles(10, 40) == (4, 6)
+    torch.manual_seed(1)
+    q = torch.randn(10, 8, requires_grad=True)
+    k = torch.randn(40, 8, requires_grad=not frozen)
+    targets = torch.tensor([0, 5, 6, 11, 17, 23, 24, 30, 35, 39])
+    key_ids = torch.arange(40) % 13  # duplicates across blocks
+    weights = torch.rand(10)
+    out = {}
+    for backend in ("chunked", "reference"):
+        loss = (mod.infonce_loss(q, k, targets, temperature=0.1, backend=backend, key_ids=key_ids,
+                                 reduction="none") * weights).sum()
+        grads = torch.autograd.grad(loss, (q,) if frozen else (q, k))
+        out[backend] = (loss, *grads)
+    for a, b in zip(out["chunked"], out["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 # Validation-only runs of the item-vector model: one `jepa4rec finetune` per named override set, the test
 # split never read (hybrid.test_at_end=false). Usage:
 #   benchmarks/quality/tune_hybrid.sh RECIPE OUT_ROOT "name1:--hybrid.x=1 --hybrid.y=2" "name2:..." ...
-# Then: python benchmarks/quality/tune_summary.py OUT_ROOT
+# Then compare the runs' validation rows: OUT_ROOT/<name>/result.json (`valid` and `history`).
 set -euo pipefail
 recipe=$1; root=$2; shift 2
 for spec in "$@"; do

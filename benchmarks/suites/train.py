@@ -2,7 +2,7 @@
 
 Rows, every provider on the same synthetic batches of exact shape B x L (3 copies, rotated), same size:
   encoder_fwd_bwd_adamw  one history pass (B x L tokens): forward + backward + AdamW step, the unit of
-                         SPEC section 8's whole-encoder anchors. Providers: ours-<attention backend> (CUDA:
+                         the whole-encoder anchors of docs/architecture.md. Providers: ours-<attention backend> (CUDA:
                          triton, flex, flash, sdpa where they run; CPU: sdpa and reference, as triton there
                          is its interpreter, checked by the kernels suite), hf_longformer (RecFormer's backbone and settings:
                          attention_window = 2 w, CLS global, dropout 0.1), hf_roberta_sdpa (dense attention

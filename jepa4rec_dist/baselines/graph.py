@@ -1,4 +1,4 @@
-"""The training-free graph heuristic (SPEC section 6): last items -> few-hop transition graph -> text similarity.
+"""The training-free graph heuristic (docs/evaluation.md): last items -> few-hop transition graph -> text similarity.
 
 Graph. From the training sequences, every consecutive pair (a, b) with a != b adds 1 to the undirected
 edge {a, b} (both directions). Per item, neighbours with count >= `min_count` are kept, the
@@ -29,35 +29,14 @@ scores to float32, so two similarities closer than ~2e-7 tie (ties favour the ta
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from jepa4rec_dist.baselines import check_histories, check_records
+from jepa4rec_dist.baselines.checks import check_histories, check_records
+from jepa4rec_dist.baselines.configs import GraphConfig
 
 CANDIDATE_OFFSET = 2.0  # > max |sim| = 1: candidates in [1, 3], non-candidates in [-3, -1]
-
-
-@dataclass
-class GraphConfig:
-    last_items: int = 2  # anchors: the newest 1-2 history items
-    hops: int = 2  # candidate radius in the transition graph
-    max_neighbors: int | None = 5  # per item, most frequent transitions kept (None = all); see the docstring
-    min_count: int = 1  # transitions seen fewer times are dropped
-    recency_decay: float = 1.0  # anchor j (0 = newest) weighs decay ** j; 1.0 = plain mean
-
-    def __post_init__(self):
-        if self.last_items < 1:
-            raise ValueError(f"graph.last_items must be >= 1, got {self.last_items}")
-        if self.hops < 1:
-            raise ValueError(f"graph.hops must be >= 1, got {self.hops}")
-        if self.max_neighbors is not None and self.max_neighbors < 1:
-            raise ValueError(f"graph.max_neighbors must be >= 1 or None, got {self.max_neighbors}")
-        if self.min_count < 1:
-            raise ValueError(f"graph.min_count must be >= 1, got {self.min_count}")
-        if not 0 < self.recency_decay <= 1:
-            raise ValueError(f"graph.recency_decay must be in (0, 1], got {self.recency_decay}")
 
 
 def transition_counts(sequences: list[list[int]], num_items: int) -> dict[tuple[int, int], int]:

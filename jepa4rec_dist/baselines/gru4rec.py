@@ -14,36 +14,12 @@ on a CPU with these sizes both take seconds per ml-100k epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from jepa4rec_dist.baselines.sequential import IDSequenceScorer, check_common
-
-
-@dataclass
-class GRU4RecConfig:
-    epochs: int = 300  # a cap: training stops when validation NDCG@10 stops improving (patience)
-    batch_size: int = 32
-    lr: float = 1e-3
-    embedding: int = 64
-    hidden: int = 128
-    layers: int = 1
-    dropout: float = 0.3  # on the item embeddings (RecBole's default)
-    max_len: int = 50
-    seed: int = 0
-    patience: int = 10  # validations without a better NDCG@10 before stopping (ml-100k validation: 5 stops too early)
-    eval_every: int = 1
-
-    def __post_init__(self):
-        check_common(self, "gru4rec")
-        for name in ("embedding", "hidden", "layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"gru4rec.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"gru4rec.dropout must be in [0, 1), got {self.dropout}")
+from jepa4rec_dist.baselines.configs import GRU4RecConfig
+from jepa4rec_dist.baselines.sequential import IDSequenceScorer
 
 
 class GRU4Rec(nn.Module):

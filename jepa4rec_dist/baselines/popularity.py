@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from jepa4rec_dist.baselines import check_records
+from jepa4rec_dist.baselines.checks import check_records
 
 
 class PopularityScorer:

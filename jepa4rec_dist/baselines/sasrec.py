@@ -21,39 +21,13 @@ validation: dropout 0.2 beats RecBole's 0.5, and patience 10 beats 5.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jepa4rec_dist.baselines.sequential import IDSequenceScorer, check_common, history_ids, training_windows
-
-
-@dataclass
-class SASRecConfig:
-    epochs: int = 300  # a cap: training stops when validation NDCG@10 stops improving (patience)
-    batch_size: int = 32  # training windows per step (more, smaller steps converge in fewer epochs)
-    lr: float = 1e-3
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = 50
-    seed: int = 0
-    patience: int = 10  # validations without a better NDCG@10 before stopping; 0 = never stop early
-    eval_every: int = 1  # epochs between validations (when a validation is given)
-
-    def __post_init__(self):
-        check_common(self, "sasrec")
-        for name in ("hidden", "layers", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sasrec.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden % self.heads:
-            raise ValueError(f"sasrec.hidden ({self.hidden}) must be divisible by sasrec.heads ({self.heads})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
-
+from jepa4rec_dist.baselines.configs import SASRecConfig
+from jepa4rec_dist.baselines.sequential import IDSequenceScorer, history_ids, training_windows
 
 # --------------------------------------------------------------------------------------------------------
 # Model

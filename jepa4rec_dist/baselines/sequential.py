@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from jepa4rec_dist.baselines import check_histories, check_records
+from jepa4rec_dist.baselines.checks import check_histories, check_records
+from jepa4rec_dist.baselines.configs import check_common
 from jepa4rec_dist.eval.harness import evaluate
 
 IGNORE = -100
@@ -185,17 +186,6 @@ class IDSequenceScorer:
     @torch.no_grad()
     def target_scores(self, state: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (state * self.model.item_table()[targets.long()]).sum(dim=1)  # (B,)
-
-
-def check_common(cfg, prefix: str) -> None:
-    """Checks of the fields every ID sequential config has."""
-    for name in ("epochs", "batch_size", "max_len", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"{prefix}.lr must be > 0, got {cfg.lr}")
-    if cfg.patience < 0:
-        raise ValueError(f"{prefix}.patience must be >= 0, got {cfg.patience}")
 
 
 __all__ = ["IGNORE", "training_windows", "history_ids", "IDSequenceScorer", "check_common"]

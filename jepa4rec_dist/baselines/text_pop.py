@@ -14,25 +14,13 @@ single global weight, not a per-item memory, so it keeps the model inductive (an
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from jepa4rec_dist.baselines import check_histories, check_records
+from jepa4rec_dist.baselines.checks import check_histories, check_records
+from jepa4rec_dist.baselines.configs import TextPopConfig
 from jepa4rec_dist.eval.harness import evaluate
-
-
-@dataclass
-class TextPopConfig:
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
-    last_items_grid: list[int] = field(default_factory=lambda: [1, 3, 10, 50])
-
-    def __post_init__(self):
-        if not self.betas or any(b < 0 for b in self.betas):
-            raise ValueError(f"text_pop.betas must be a non-empty list of values >= 0, got {self.betas}")
-        if not self.last_items_grid or any(n < 1 for n in self.last_items_grid):
-            raise ValueError(f"text_pop.last_items_grid must be a non-empty list of values >= 1, got {self.last_items_grid}")
 
 
 class TextPopScorer:

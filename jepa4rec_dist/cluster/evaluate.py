@@ -24,10 +24,10 @@ class EvalWorker:
     """One model replica. Plain class; `ray_evaluate` turns it into a Ray actor."""
 
     def __init__(self, cfg_dict: dict, model_dir: str, threads: int = 1):
-        from jepa4rec_dist.eval.run import dataset
+        from jepa4rec_dist.device import resolve_device
+        from jepa4rec_dist.eval.loop import dataset
         from jepa4rec_dist.model import build_encoder
         from jepa4rec_dist.model.checkpoint import is_export, load_export
-        from jepa4rec_dist.train.engine import resolve_device
 
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg_dict)
@@ -51,8 +51,8 @@ class EvalWorker:
                 for b in batches}
 
     def rank(self, item_table: np.ndarray | None, split: str, share: int, shares: int) -> dict[int, tuple]:
+        from jepa4rec_dist.eval.loop import eval_loader
         from jepa4rec_dist.eval.model_scorer import EncoderScorer
-        from jepa4rec_dist.train.finetune import eval_loader
 
         table = self.saved_table if item_table is None else torch.from_numpy(item_table)
         scorer = EncoderScorer(self.encoder, table.to(self.device), self.temperature, self.device)
@@ -85,7 +85,7 @@ def ray_encode_items(cfg: Config, model_dir: str, num_actors: int, use_gpu: bool
     `num_actors` Ray actors: the same batches, hence the same numbers, as the single-process path."""
     import ray
 
-    from jepa4rec_dist.cluster.jobs import absolute_paths
+    from jepa4rec_dist.cluster.paths import absolute_paths
 
     if num_actors < 1:
         raise ValueError(f"actors must be >= 1, got {num_actors}")
@@ -105,9 +105,9 @@ def ray_evaluate(cfg: Config, model_dir: str, num_actors: int, split: str = "tes
     """The export evaluated by `num_actors` Ray actors: an `Evaluated` like `eval.run.evaluate_method`'s."""
     import ray
 
-    from jepa4rec_dist.cluster.jobs import absolute_paths
+    from jepa4rec_dist.cluster.paths import absolute_paths
     from jepa4rec_dist.eval.context import EvalContext
-    from jepa4rec_dist.eval.run import Evaluated
+    from jepa4rec_dist.eval.loop import Evaluated
 
     if num_actors < 1:
         raise ValueError(f"actors must be >= 1, got {num_actors}")

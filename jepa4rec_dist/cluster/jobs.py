@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from jepa4rec_dist.config import Config, load_config
+from jepa4rec_dist.cluster.paths import absolute_paths
+from jepa4rec_dist.config import load_config
 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """Workers and actors may run in another folder: hand them absolute paths."""
-    from jepa4rec_dist.data.remote import is_remote
-
-    data = cfg.data if is_remote(cfg.data.out_dir) else replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).resolve()))
-    train = replace(cfg.train, output_dir=str(Path(cfg.train.output_dir).resolve()))
-    finetune = replace(cfg.finetune, output_dir=str(Path(cfg.finetune.output_dir).resolve()))
-    return replace(cfg, data=data, train=train, finetune=finetune)
 
 
 def ray_job_cli(doc: str, job: str) -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from jepa4rec_dist.config import Config, config_from_dict, config_to_dict
 from jepa4rec_dist.train.finetune import FinetuneHooks, finetune
-from jepa4rec_dist.train.pretrain import Hooks, Runtime, pretrain
+from jepa4rec_dist.train.pretrain import Hooks, pretrain
 from jepa4rec_dist.train.run import Checkpoints
+from jepa4rec_dist.train.runtime import Runtime
 
 
 def latest_metrics(output_dir: str | Path, step: int) -> dict:

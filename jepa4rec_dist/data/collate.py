@@ -2,10 +2,10 @@
 
 Per sample (runs in the DataLoader workers):
 - `pretrain`: target index t ~ U[max(1, floor((L-1)/2)), L-1]; history = items[:t], next item = items[t]
-  (SPEC section 4; t >= 1 so a history is never empty).
+  (docs/method.md, section 3; t >= 1 so a history is never empty).
 - `next`: history = items[:-1], target = items[-1] (validation, test, finetuning).
 History -> newest first, cut to `max_items`, then `[CLS] + item tokens...` cut to `max_tokens` (the oldest
-tokens go). A single item is `[CLS] + item tokens` with item position 1 (SPEC section 2).
+tokens go). A single item is `[CLS] + item tokens` with item position 1 (docs/method.md, section 1).
 
 Every random choice of a sample comes from its own generator, seeded by (seed, epoch, sample key): the
 same sample gets the same pair and the same mask whichever rank or worker reads it, so a distributed run
@@ -183,7 +183,7 @@ def pad_batch(seqs: list[Encoded], tok: TokenizerInfo, cfg: SequenceConfig, max_
         out["item_position_ids"][i, :length] = s.item_positions
         out["position_ids"][i] = _positions(length, n, style, tok.pad_id)
         out["attention_mask"][i, :length] = True
-        out["global_mask"][i, 0] = True  # only CLS is global (SPEC section 2)
+        out["global_mask"][i, 0] = True  # only CLS is global (docs/method.md, section 2)
         for name, values in (extra or {}).items():
             out[name][i, :length] = values[i]
     return {prefix + k: torch.from_numpy(v) for k, v in out.items()}

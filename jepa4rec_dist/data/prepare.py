@@ -5,8 +5,8 @@ items.parquet, counted in the manifest): candidates for `jepa4rec recommend`, le
 `eval.rank_items_without_interactions`, of evaluation (the MovieLens tables rank rated items only, as published).
 
 Steps: read (source-specific reader) -> drop interactions whose item has no metadata (counted) -> per
-user, stable sort by (timestamp, source row) (MovieLens has many ties) -> leave-one-out split (SPEC
-section 6) -> tokenise the catalogue once -> write shards -> manifest with counts, skips, shard sha256s,
+user, stable sort by (timestamp, source row) (MovieLens has many ties) -> leave-one-out split
+(docs/evaluation.md) -> tokenise the catalogue once -> write shards -> manifest with counts, skips, shard sha256s,
 tokenizer and the resolved config.
 
 Splits per user with n events: n >= 3: train = items[:-2], valid = items[:-1] (target items[-2]),
@@ -285,8 +285,8 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
 def low_resource_dataset(root: str | Path, fraction: float, seed: int) -> Path:
     """A view of a prepared dataset whose train split keeps a seeded `fraction` of the training users
     (valid, test and the item table are shared with the full dataset). Built once, then reused."""
+    from jepa4rec_dist.data.sampling import sample_users
     from jepa4rec_dist.data.shards import iter_records, load_manifest
-    from jepa4rec_dist.eval.harness import sample_users
 
     root = Path(root)
     out = root / f"low-resource-{fraction:g}-seed{seed}"

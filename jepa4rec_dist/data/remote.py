@@ -77,11 +77,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JEPA4REC_CACHE", Path.home() / ".cache" / "jepa4rec"))
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def local_file(root, rel: str, sha256: str | None = None) -> Path:
     """A local path of `rel` under `root`: itself for a local root, else a cached download (fetched again when it
     is missing or its sha256 differs from `sha256`)."""
-    from jepa4rec_dist.data.shards import sha256_file
-
     root = normalize(root)
     if not isinstance(root, str):
         return root / rel

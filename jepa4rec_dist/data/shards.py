@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from jepa4rec_dist.data.remote import sha256_file  # noqa: F401  (re-exported: shards.sha256_file)
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -34,14 +36,6 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write(path: Path, write) -> Path:

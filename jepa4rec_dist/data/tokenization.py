@@ -1,4 +1,4 @@
-"""Tokenizers available offline, and items as token sentences (SPEC section 1).
+"""Tokenizers available offline, and items as token sentences (docs/method.md, section 1).
 
 An item is an ordered list of (key, value) text attributes. Its sentence is, per attribute,
 tokens(key) + tokens(value), the pair cut to `max_attr_tokens` (the key counts), at most `max_attrs`

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from jepa4rec_dist.data.sampling import sample_users  # noqa: F401  (re-exported: eval.harness.sample_users)
 from jepa4rec_dist.eval.metrics import metrics_from_ranks
 
 EXCLUDED, INCLUDED = "history-excluded", "history-included"
@@ -168,15 +169,6 @@ def item_counts(records: Iterable[dict], num_items: int) -> np.ndarray:
 def cold_start_mask(result: EvalResult, train_counts: np.ndarray, k: int) -> np.ndarray:
     """Users whose test target was seen fewer than k times in training."""
     return train_counts[result.targets] < k
-
-
-def sample_users(records: list[dict], fraction: float, seed: int) -> list[dict]:
-    """Low-resource setting: a seeded `fraction` of the training users (at least one)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"low-resource fraction must be in (0, 1], got {fraction}")
-    n = max(1, int(round(fraction * len(records))))
-    pick = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
-    return [records[i] for i in pick]
 
 
 @torch.no_grad()

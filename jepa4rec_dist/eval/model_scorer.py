@@ -15,8 +15,8 @@ from jepa4rec_dist.config import SequenceConfig
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
 from jepa4rec_dist.data.items import ItemTable
 from jepa4rec_dist.data.tokenization import TokenizerInfo
+from jepa4rec_dist.device import to_device
 from jepa4rec_dist.model.encoder import Encoder
-from jepa4rec_dist.train.engine import to_device
 
 
 @torch.no_grad()

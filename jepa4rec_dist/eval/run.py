@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +22,20 @@ import torch
 from jepa4rec_dist.config import Config
 from jepa4rec_dist.data.collate import SequenceEncoder, pad_batch
 from jepa4rec_dist.data.items import ITEMS_FILE, ItemTable
-from jepa4rec_dist.data.shards import atomic_write, load_manifest
+from jepa4rec_dist.data.shards import atomic_write
 from jepa4rec_dist.data.tokenization import TokenizerInfo
+from jepa4rec_dist.device import resolve_device
 from jepa4rec_dist.eval.buckets import setting_masks
 from jepa4rec_dist.eval.context import EvalContext, code_version
 from jepa4rec_dist.eval.harness import EXCLUDED, INCLUDED, PROTOCOLS, EvalResult, protocol_name, top_k
+from jepa4rec_dist.eval.loop import Evaluated, dataset, run_eval
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.eval.ranks import slug, write_ranks
 from jepa4rec_dist.model import build_encoder
 from jepa4rec_dist.model.checkpoint import is_export, load_export
-from jepa4rec_dist.train.engine import resolve_device
-from jepa4rec_dist.train.finetune import run_eval
 
 PROTOCOL_TITLES = {EXCLUDED: "history excluded (the user's earlier items are not candidates)",
                    INCLUDED: "history included (every item is a candidate: RecFormer's code, RecBole's sequential models)"}
-
-
-def dataset(cfg: Config, all_items: bool | None = None) -> tuple[Path, TokenizerInfo, ItemTable]:
-    """(root, tokenizer facts, item table): the items with interactions, or every catalogue item with `all_items`
-    (None: `eval.rank_items_without_interactions`)."""
-    root = Path(cfg.data.out_dir)
-    if all_items is None:
-        all_items = cfg.eval.rank_items_without_interactions
-    return root, TokenizerInfo.from_dict(load_manifest(root)["tokenizer"]), ItemTable.load(root, all_items)
 
 
 def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTable, progress: bool = True,
@@ -94,17 +85,6 @@ def model_scorer(cfg: Config, model_dir: str, tok: TokenizerInfo, table: ItemTab
     label = model_dir if model_dir == "minilm" else f"{Path(model_dir).parent.name}/{Path(model_dir).name}"
     return EncoderScorer(encoder, item_table.to(device), meta.get("temperature", cfg.finetune.temperature), device,
                          name=name or f"{label} ({kind})")
-
-
-@dataclass
-class Evaluated:
-    """One evaluated method: its per-user ranks, wall time (fit + ranking) and what fitting reported."""
-
-    name: str
-    split: str
-    result: EvalResult
-    seconds: float
-    fit: dict = field(default_factory=dict)
 
 
 def method_rows(ctx: EvalContext, ev: Evaluated) -> list[dict]:

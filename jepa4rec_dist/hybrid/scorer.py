@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from jepa4rec_dist.baselines import check_histories
+from jepa4rec_dist.baselines.checks import check_histories
 from jepa4rec_dist.baselines.sequential import history_ids
 from jepa4rec_dist.hybrid.model import HybridConfig, HybridSeqRec
 

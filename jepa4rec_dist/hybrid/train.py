@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jepa4rec_dist.baselines import check_records
+from jepa4rec_dist.baselines.checks import check_records
 from jepa4rec_dist.baselines.sequential import IGNORE, training_windows
 from jepa4rec_dist.config import Config, save_config
 from jepa4rec_dist.data.shards import iter_records
@@ -118,7 +118,7 @@ def train_sequences(cfg: Config, root: Path, num_items: int, main: bool, runtime
 def train_hybrid(cfg: Config, runtime=None, progress: bool = True) -> dict:
     from jepa4rec_dist.eval.context import EvalContext
     from jepa4rec_dist.hybrid.vectors import item_vectors
-    from jepa4rec_dist.train.pretrain import Runtime
+    from jepa4rec_dist.train.runtime import Runtime
 
     runtime = runtime or Runtime()
     hc, main = cfg.hybrid, runtime.is_main
@@ -403,8 +403,8 @@ def choose_new_item_offset(cfg: Config, ctx, folder: Path) -> dict:
     import itertools
 
     from jepa4rec_dist.eval.harness import evaluate
+    from jepa4rec_dist.eval.loop import eval_loader
     from jepa4rec_dist.hybrid.scorer import load_hybrid
-    from jepa4rec_dist.train.finetune import eval_loader
 
     hc = cfg.hybrid
     model, meta = load_hybrid(folder)
@@ -512,7 +512,7 @@ def _copy(model: HybridSeqRec) -> HybridSeqRec:
 
 
 def _validate(engine, model, cfg: Config, ctx, runtime, progress) -> dict:
-    from jepa4rec_dist.train.finetune import run_eval
+    from jepa4rec_dist.eval.loop import run_eval
 
     valid = None
     with engine.gathered(model.parameters()):
@@ -553,9 +553,9 @@ def _stopped_by(hc, state: dict) -> str:
 
 
 def _finish(cfg: Config, ctx, out: Path, state: dict) -> dict:
-    from jepa4rec_dist.eval.run import Evaluated, write_evaluation
+    from jepa4rec_dist.eval.loop import Evaluated, run_eval
+    from jepa4rec_dist.eval.run import write_evaluation
     from jepa4rec_dist.hybrid.scorer import hybrid_scorer
-    from jepa4rec_dist.train.finetune import run_eval
 
     if state["best_epoch"] is None:
         raise ValueError(f"{out}: no epoch was validated (hybrid.epochs={cfg.hybrid.epochs})")

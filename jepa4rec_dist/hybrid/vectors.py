@@ -96,9 +96,9 @@ def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray
     from jepa4rec_dist.data.items import ItemTable
     from jepa4rec_dist.data.shards import load_manifest
     from jepa4rec_dist.data.tokenization import TokenizerInfo
+    from jepa4rec_dist.device import resolve_device
     from jepa4rec_dist.eval.model_scorer import encode_items
     from jepa4rec_dist.model import build_encoder
-    from jepa4rec_dist.train.engine import resolve_device
 
     tok = TokenizerInfo.from_dict(load_manifest(root)["tokenizer"])
     table = ItemTable.load(root, all_items)

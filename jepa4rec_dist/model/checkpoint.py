@@ -1,8 +1,8 @@
 """Weights in and out: import from local HF BERT / RoBERTa / Longformer folders, export our own format.
 
-Import (SPEC section 3): layer weights map 1:1 (our parameter names are BERT's). New tables: the 4-row
+Import (docs/method.md, section 2): layer weights map 1:1 (our parameter names are BERT's). New tables: the 4-row
 token-type table starts as copies of the checkpoint's first type row (RoBERTa/Longformer have only one),
-item positions random (as RecFormer did). A position table shorter than ours is tiled Longformer-style
+item positions zero (RecFormer starts them random; zero keeps an import exactly the checkpoint's function). A position table shorter than ours is tiled Longformer-style
 (RoBERTa keeps its two reserved rows in front). Longformer's separate global q/k/v projections are not
 used: our global tokens share the local projections (a documented difference from RecFormer).
 

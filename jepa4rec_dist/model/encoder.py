@@ -1,4 +1,4 @@
-"""The bidirectional local-global Transformer that encodes items and user histories (SPEC sections 2-3).
+"""The bidirectional local-global Transformer that encodes items and user histories (docs/method.md, section 2).
 
 Embeddings: token + token position + token type (CLS/key/value/pad) + item position, summed, LayerNorm,
 dropout. Layers: post-LN, BERT/RoBERTa-compatible names and shapes, so pretrained weights load 1:1.
@@ -6,7 +6,8 @@ Attention: every token sees tokens within one-sided window w plus the global tok
 see everything. The attention math is `kernels.local_global_attention`, backend chosen by name; this
 module only projects and reshapes. The model runs on one device and knows nothing of DeepSpeed or Ray.
 
-Representation of a sequence or an item = final hidden state of CLS (no pooler).
+Representation of a sequence or an item = final hidden state of CLS, or the mean over non-pad tokens
+(`model.pooling`; no pooler).
 """
 
 from __future__ import annotations

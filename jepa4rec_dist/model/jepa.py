@@ -1,4 +1,4 @@
-"""JEPA4Rec and RecFormer pretraining objectives on top of the encoder (SPEC section 4).
+"""JEPA4Rec and RecFormer pretraining objectives on top of the encoder (docs/method.md, section 3).
 
 JEPA4Rec step (the ijepa reading order):
   1. target encoder f' (EMA of f, no grad) encodes the unmasked history and next item;
@@ -11,7 +11,7 @@ JEPA4Rec step (the ijepa reading order):
   4. backward / step (outside, by the engine); 5. EMA update with momentum m(step), a pure function of
      the step (cosine ramp from m0 to m_end), so a resumed run needs no fast-forward.
 RecFormer mode: no target encoder, no predictor; L = L_cl + w_mlm (L_mlm_hist + L_mlm_item) with 15%
-whole-word MLM; the contrastive views are the unmasked ones (SPEC) or the masked ones (one pass per side).
+whole-word MLM; the contrastive views are the unmasked ones (as in the paper) or the masked ones (one pass per side).
 
 Distributed: `ops.gather_with_grad` all-gathers the next-item CLS with gradient (identity in one process);
 the local queries' positives sit at `offset + arange(B)` in the gathered keys. The target encoder lives

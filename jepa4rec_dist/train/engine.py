@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jepa4rec_dist.device import resolve_device, resolve_dtype, to_device  # noqa: F401 (their old home)
+
 
 def linear_schedule(warmup: int, total: int):
     def factor(step: int) -> float:
@@ -22,25 +24,6 @@ def linear_schedule(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available here")
-    return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA, fp32 on CPU; bf16 needs CUDA; fp16 (autocast + dynamic loss scaling) runs anywhere
-    (on CPU for tests: slow, but the same code path)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision == "bf16" and device.type != "cuda":
-        raise ValueError("train.precision=bf16 needs a CUDA device (CPU runs in fp32)")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class TorchEngine:
@@ -133,7 +116,3 @@ class TorchEngine:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
             self.skipped_steps = state.get("skipped_steps", 0)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,8 +1,8 @@
-"""`finetune(cfg)`: RecFormer's two-stage finetuning (SPEC section 5) through the shared harness.
+"""`finetune(cfg)`: RecFormer's two-stage finetuning (docs/method.md, section 4) through the shared harness.
 
 Loss: softmax over ALL items of the domain, logits = cos(history CLS, item table) / tau, through
 `kernels.infonce_loss` with targets indexing the table (its fused backend never builds the logits).
-Training pairs are drawn from each training sequence per epoch with SPEC section 4's pair sampling.
+Training pairs are drawn from each training sequence per epoch with pretraining's pair sampling (docs/method.md, section 3).
 
 Stage 1, each epoch: encode the whole catalogue with the current encoder (that table also validates the
 previous epoch's model: one encode per epoch), then train the sequence side against it.
@@ -20,7 +20,6 @@ epoch checkpoints (older runs), a finished stage 1 (`stage1.json`, or its metric
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import time
@@ -40,41 +39,18 @@ from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
 from jepa4rec_dist.data.prepare import low_resource_dataset, training_items
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
-from jepa4rec_dist.eval.harness import EvalResult, evaluate
+from jepa4rec_dist.eval.loop import eval_loader, run_eval  # noqa: F401 (eval_loader: still importable from here)
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import export_context, save_export
 from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
-from jepa4rec_dist.train.pretrain import Runtime
 from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
+from jepa4rec_dist.train.runtime import Runtime
 from kernels.infonce import infonce_loss
 
 log = logging.getLogger(__name__)
-
-
-def eval_loader(cfg: Config, root: Path, tok: TokenizerInfo, table: ItemTable, split: str) -> ShardLoader:
-    collator = Collator(table, tok, cfg.sequence, None, "next")
-    lcfg = replace(cfg.loader, batch_size=cfg.eval.batch_size, mode="exact", steps_per_epoch=None, drop_last=False)
-    return ShardLoader(root, split, lcfg, collator, shuffle=False)
-
-
-def run_eval(cfg: Config, scorer, root: Path, tok, table, split: str, progress: bool = True,
-             max_users: int | None = None, exclude_history: bool | None = None) -> EvalResult:
-    """Evaluate `scorer` on a split under both protocols; the primary one (`exclude_history`, default: the
-    config's, resolved for the dataset) gives `.metrics`. `max_users` keeps the first users only."""
-    from jepa4rec_dist.eval.context import resolve_exclude_history
-
-    if exclude_history is None:
-        exclude_history = resolve_exclude_history(cfg.eval.exclude_history, root)
-    loader = eval_loader(cfg, root, tok, table, split)
-    batches, total = loader, len(loader)
-    if max_users is not None:
-        total = min(total, -(-max_users // cfg.eval.batch_size))
-        batches = itertools.islice(loader, total)
-    return evaluate(scorer, batches, ks=tuple(cfg.eval.ks), chunk=cfg.eval.item_chunk,
-                    exclude_history=exclude_history, progress=progress, total=total)
 
 
 def load_model_source(cfg: Config) -> Config:
@@ -349,7 +325,8 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
         metrics.jsonl.write({"best": best})
     elif main:
         from jepa4rec_dist.eval.context import EvalContext
-        from jepa4rec_dist.eval.run import Evaluated, write_evaluation
+        from jepa4rec_dist.eval.loop import Evaluated
+        from jepa4rec_dist.eval.run import write_evaluation
 
         encoder, item_table = _load_best(out / "best", cfg, tok, device)
         t0 = time.perf_counter()

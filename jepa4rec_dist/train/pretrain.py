@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,10 +28,11 @@ from jepa4rec_dist.data.loader import ShardLoader, batch_tokens
 from jepa4rec_dist.data.remote import normalize
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
+from jepa4rec_dist.device import resolve_dtype, to_device
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import export_context, save_export
 from jepa4rec_dist.model.jepa import LocalOps, PretrainModel, ema_momentum, ema_update, make_target_encoder
-from jepa4rec_dist.train.engine import TorchEngine, resolve_device, resolve_dtype, to_device
+from jepa4rec_dist.train.engine import TorchEngine
 from jepa4rec_dist.train.run import (
     Checkpoints,
     MetricsLog,
@@ -40,32 +41,9 @@ from jepa4rec_dist.train.run import (
     seed_everything,
     set_rng_state,
 )
+from jepa4rec_dist.train.runtime import Runtime  # defined here before; `train.pretrain.Runtime` still works
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    """Where this process sits. `distributed` = torch.distributed is initialised (DeepSpeed engine)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def device(self, name: str) -> torch.device:
-        device = resolve_device(name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.local_rank)
-        return device
 
 
 def build_pretrain_model(cfg: Config, tok: TokenizerInfo) -> PretrainModel:
@@ -253,8 +231,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
 
 def _zero_shot(cfg: Config, encoder, tok: TokenizerInfo, device, split: str, progress: bool) -> dict:
     """The live model's zero-shot metrics (its own item table), on rank 0."""
+    from jepa4rec_dist.eval.loop import run_eval
     from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
-    from jepa4rec_dist.train.finetune import run_eval
 
     root = normalize(cfg.data.out_dir)
     table = ItemTable.load(root)

@@ -1,7 +1,7 @@
 """Run-folder bookkeeping shared by pretraining and finetuning: logs, checkpoints, resume, seeding.
 
 A run folder holds `config.yaml` (resolved), `metrics.jsonl` (one JSON object per logged step),
-`checkpoints/step-NNNNNNN.pt` (the last `keep_last`) and `export/` (the consolidated model). A run
+`checkpoints/step-NNNNNNN/` folders (the last `keep_last`) and `export/` (the consolidated model). A run
 started again with the same folder resumes from its latest checkpoint.
 """
 
