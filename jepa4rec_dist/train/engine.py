@@ -72,14 +72,17 @@ class TorchEngine:
             self.scaler.unscale_(self.optimizer)
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        overflow = False
         if self.scaler is not None:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale)  # an overflow: that step was skipped
+            overflow = self.scaler.get_scale() < scale  # an overflow: that step was skipped
+            self.skipped_steps += int(overflow)
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if not overflow:  # as DeepSpeed: a skipped step does not advance the lr schedule
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
         return True
