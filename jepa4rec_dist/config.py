@@ -244,6 +244,8 @@ class ModelConfig:
     num_heads: int = 12
     intermediate_size: int = 1536
     hidden_dropout: float = 0.1
+    # kept for checkpoint compatibility (HF configs carry it) but NOT applied: the fused attention backends have
+    # no attention-probability dropout (docs/method.md); hidden_dropout is applied
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     max_position_embeddings: int = 1026  # token positions (RoBERTa numbering needs max_tokens + 2)
