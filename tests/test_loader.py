@@ -270,3 +270,23 @@ def test_resume_on_another_world_size_covers_the_rest_of_the_epoch(uneven_datase
                        batch_size=new_batch)
         fresh.epoch = 1
         assert [b["keys"] for b in ld] == [b["keys"] for b in fresh]
+
+
+@pytest.mark.parametrize("stop", [2, None])
+def test_no_shard_file_is_left_open(uneven_dataset, stop):
+    """Every shard the stream opened is closed: after a whole epoch, and when the epoch is abandoned mid-shard
+    (webdataset's own opener leaves its files to the garbage collector: a ResourceWarning each)."""
+    import gc
+    import warnings
+
+    root, _ = uneven_dataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        ld = loader(root, num_workers=0, batch_size=2)
+        for i, _batch in enumerate(ld):
+            if i == stop:
+                break
+        del ld, _batch
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks

@@ -110,6 +110,13 @@ def round_robin_resume(counts: list[int], consumed_total: int) -> list[tuple[int
     return rotation + [None] * (n - len(rotation))
 
 
+def _tar_samples(url: str, stream) -> Iterator[dict]:
+    """The samples of one opened tar shard (what wds.tarfile_samples yields for `url`, on our stream)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+
+
 class _ShardStream(IterableDataset):
     """What each DataLoader worker runs. Built anew by `ShardLoader` for every epoch / resume."""
 
@@ -126,13 +133,16 @@ class _ShardStream(IterableDataset):
             for path, expected in zip(plan.shards, plan.expected, strict=True):
                 n = 0
                 try:
-                    for sample in wds.tarfile_samples([{"url": path}]):
-                        if ordinal % plan.stride == plan.offset:
-                            yield sample
-                            for copy in range(1, plan.repeat):
-                                yield {**sample, "__key__": f"{sample['__key__']}#{copy}"}
-                        n += 1
-                        ordinal += 1
+                    # opened here, not by wds.tarfile_samples, so the file (or pipe) is closed when the shard is
+                    # done or the epoch is abandoned mid-shard (webdataset leaves its streams to the GC)
+                    with wds.gopen(path, "rb") as stream:
+                        for sample in _tar_samples(path, stream):
+                            if ordinal % plan.stride == plan.offset:
+                                yield sample
+                                for copy in range(1, plan.repeat):
+                                    yield {**sample, "__key__": f"{sample['__key__']}#{copy}"}
+                            n += 1
+                            ordinal += 1
                 except (OSError, ValueError, EOFError, tarfile.TarError) as exc:
                     raise ValueError(f"{path}: corrupt or truncated tar shard ({exc})") from exc
                 if n != expected:
