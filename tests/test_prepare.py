@@ -248,3 +248,22 @@ def test_low_resource_view_keeps_a_seeded_share_of_training_users(uneven_dataset
     assert verify_dataset(sub) == {"train": 7, "valid": manifest["counts"]["splits"]["valid"]["sequences"],
                                    "test": manifest["counts"]["splits"]["test"]["sequences"]}
     assert load_manifest(sub)["low_resource"] == {"fraction": 0.2, "seed": 3, "source": str(root)}
+
+
+def test_a_shard_of_numpy_samples_equals_one_of_lists(tmp_path):
+    """prepare keeps each split's items and timestamps as numpy views of the user's arrays: the shard bytes are the
+    ones the same samples as JSON lists give."""
+    import numpy as np
+
+    from jepa4rec_dist.data.shards import write_shard
+
+    items, stamps = np.array([4, 1, 7, 2], dtype=np.int64), np.array([10, 11, 11, 12], dtype=np.int64)
+    as_arrays = [{"key": "u000000000", "user": "a", "domain": "d", "items": items[:3], "timestamps": stamps[:3]},
+                 {"key": "u000000001", "user": "b", "domain": "d", "items": items, "timestamps": stamps}]
+    as_lists = [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in s.items()} for s in as_arrays]
+    a = write_shard(tmp_path / "a", "train", 0, as_arrays)
+    b = write_shard(tmp_path / "b", "train", 0, as_lists)
+    assert a.sha256 == b.sha256 and a.samples == 2
+    with tarfile.open(tmp_path / "a" / a.path) as tar:
+        first = json.loads(tar.extractfile(tar.getmembers()[0]).read())
+    assert first == {"user": "a", "domain": "d", "items": [4, 1, 7], "timestamps": [10, 11, 11]}

@@ -184,7 +184,9 @@ def _raw_samples(cfg: Config, item_tok: ItemTokenizer, tok: TokenizerInfo):
     catalogue, seqs, interacted = build_sequences(raw, skips)
     catalogue = catalogue[:interacted]  # what the prepared table holds for training
     table = _OnTheFlyItems(raw, catalogue, item_tok)
-    return split_samples(seqs, skips)["train"], table, _collator(cfg, table, tok)
+    train = [{**s, "items": s["items"].tolist(), "timestamps": s["timestamps"].tolist()}  # as a shard decodes them
+             for s in split_samples(seqs, skips)["train"]]
+    return train, table, _collator(cfg, table, tok)
 
 
 def _raw_row(ctx: Context, cfg: Config, root: Path, tok: TokenizerInfo, shape: dict, epochs: dict) -> dict:

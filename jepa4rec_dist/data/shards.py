@@ -63,14 +63,15 @@ def shard_name(split: str, index: int) -> str:
 
 
 def write_shard(root: Path, split: str, index: int, samples: list[dict]) -> ShardInfo:
-    """Write one shard (pure function of its inputs: the per-shard unit of work, locally or on Ray)."""
+    """Write one shard (pure function of its inputs: the per-shard unit of work, locally or on Ray). Sample values
+    may be numpy arrays (written as JSON lists)."""
     rel = shard_name(split, index)
     path = Path(root) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     with wds.TarWriter(buffer, mtime=0, user="jepa4rec", group="jepa4rec", mode=0o444) as writer:
         for sample in samples:
-            payload = {k: v for k, v in sample.items() if k != "key"}
+            payload = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sample.items() if k != "key"}
             writer.write({"__key__": sample["key"], "json": json.dumps(payload, separators=(",", ":")).encode()})
     data = buffer.getvalue()
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
