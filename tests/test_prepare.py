@@ -267,3 +267,29 @@ def test_a_shard_of_numpy_samples_equals_one_of_lists(tmp_path):
     with tarfile.open(tmp_path / "a" / a.path) as tar:
         first = json.loads(tar.extractfile(tar.getmembers()[0]).read())
     assert first == {"user": "a", "domain": "d", "items": [4, 1, 7], "timestamps": [10, 11, 11]}
+
+
+def test_split_samples_are_built_when_read_and_strip_new_items_as_before():
+    """The leave-one-out splits of three users by hand (lengths 5, 3, 1), then new item 7 stripped from train."""
+    import numpy as np
+
+    from jepa4rec_dist.data.prepare import Sequences, split_samples, strip_new_items
+    from jepa4rec_dist.data.readers import SkipLog
+
+    seqs = Sequences(["a", "b", "c"], ["d", "d", "d"],
+                     [np.array([1, 7, 2, 3, 4]), np.array([7, 5, 6]), np.array([9])],
+                     [np.arange(5), np.arange(3), np.arange(1)])
+    skips = SkipLog("skip")
+    splits = split_samples(seqs, skips)
+    assert [s["items"].tolist() for s in splits["train"]] == [[1, 7, 2]]  # b's train part has one item: skipped
+    assert [s["items"].tolist() for s in splits["valid"]] == [[1, 7, 2, 3], [7, 5]]
+    assert [(s["key"], s["user"]) for s in splits["test"]] == [("u000000000", "a"), ("u000000001", "b")]
+    assert splits["test"][-1]["items"].tolist() == [7, 5, 6] and len(splits["test"][0:5]) == 2
+    assert splits["train"].interactions() == 3
+    assert dict(skips.counts) == {"user_with_one_event": 1, "train_sequence_too_short": 1}
+    assert strip_new_items(splits["train"], np.array([7]), 10, skips) == 1
+    assert [s["items"].tolist() for s in splits["train"]] == [[1, 2]]
+    assert [s["timestamps"].tolist() for s in splits["train"]] == [[0, 2]]
+    assert splits["train"].interactions() == 2
+    assert strip_new_items(splits["train"], np.array([1]), 10, skips) == 1  # left with one item: dropped
+    assert len(splits["train"]) == 0 and splits["train"].interactions() == 0

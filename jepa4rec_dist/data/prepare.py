@@ -139,24 +139,23 @@ def choose_new_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_items, size=k, replace=False))
 
 
-def strip_new_items(train: list[dict], new_items: np.ndarray, num_items: int, skips: readers.SkipLog) -> int:
+def strip_new_items(train: SplitSamples, new_items: np.ndarray, num_items: int, skips: readers.SkipLog) -> int:
     """Remove the new items from train samples in place (dropping those left with < 2 items); returns the
     number of interactions removed."""
     is_new = np.zeros(num_items, dtype=bool)
     is_new[new_items] = True
-    removed, kept = 0, []
-    for sample in train:
+    removed, kept = 0, np.ones(len(train), dtype=bool)
+    for i, sample in enumerate(train):
         keep = ~is_new[np.asarray(sample["items"], dtype=np.int64)]
         removed += int((~keep).sum())
         if keep.sum() < 2:
             skips.skip("train_sequence_too_short_after_new_items", f"user {sample['user']!r}",
                        "fewer than 2 train items once the held-out new items are removed (user kept in valid/test)")
+            kept[i] = False
             continue
         if not keep.all():
-            sample["items"] = np.asarray(sample["items"])[keep]
-            sample["timestamps"] = np.asarray(sample["timestamps"])[keep]
-        kept.append(sample)
-    train[:] = kept
+            train.replaced[i] = (np.asarray(sample["items"])[keep], np.asarray(sample["timestamps"])[keep])
+    train.keep(kept)
     return removed
 
 
@@ -165,30 +164,69 @@ def repeat_interactions(seqs: Sequences) -> int:
     return int(sum(len(items) - len(np.unique(items)) for items in seqs.items))
 
 
-def split_samples(seqs: Sequences, skips: readers.SkipLog) -> dict[str, list[dict]]:
-    """Per split, the samples as they go into the shards. `items` / `timestamps` are numpy views of the user's
-    arrays (the three splits share them; lists of Python ints, three copies per interaction, were the largest
-    part of prepare's peak memory): `write_shard` serialises them as JSON lists."""
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for u, (user, domain, items, stamps) in enumerate(zip(seqs.users, seqs.domains, seqs.items, seqs.timestamps, strict=True)):
+class SplitSamples:
+    """One split's samples, each built when read: sample i is user `users[i]`'s first `ends[i]` items (or, once
+    new items are stripped, its `replaced[i]` arrays). A sample is the dict a shard stores, with `items` /
+    `timestamps` as numpy views of the user's arrays (`write_shard` writes them as JSON lists). Holding every
+    sample as a dict (three per user) was ~1.5 GB of prepare's 10^7-interaction peak; this holds 16 bytes each."""
+
+    def __init__(self, seqs: Sequences, users: list[int] | np.ndarray, ends: list[int] | np.ndarray):
+        self.seqs = seqs
+        self.users = np.asarray(users, dtype=np.int64)
+        self.ends = np.asarray(ends, dtype=np.int64)
+        self.replaced: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def sample(self, i: int) -> dict:
+        u, seqs = int(self.users[i]), self.seqs
+        items, stamps = self.replaced.get(i) or (seqs.items[u][:self.ends[i]], seqs.timestamps[u][:self.ends[i]])
+        return {"key": f"u{u:09d}", "user": seqs.users[u], "domain": seqs.domains[u], "items": items,
+                "timestamps": stamps}
+
+    def __getitem__(self, index: int | slice):
+        if isinstance(index, slice):
+            return [self.sample(i) for i in range(*index.indices(len(self)))]
+        return self.sample(range(len(self))[index])
+
+    def __iter__(self):
+        return (self.sample(i) for i in range(len(self)))
+
+    def interactions(self) -> int:
+        return int(self.ends.sum()) - sum(int(self.ends[i]) - len(items) for i, (items, _) in self.replaced.items())
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep the samples where `mask` is true (in order)."""
+        rows = np.flatnonzero(mask)
+        renumber = {int(old): new for new, old in enumerate(rows)}
+        self.replaced = {renumber[i]: v for i, v in self.replaced.items() if i in renumber}
+        self.users, self.ends = self.users[rows], self.ends[rows]
+
+
+def split_samples(seqs: Sequences, skips: readers.SkipLog) -> dict[str, SplitSamples]:
+    """Per split, the samples as they go into the shards (`SplitSamples`)."""
+    refs: dict[str, tuple[list[int], list[int]]] = {s: ([], []) for s in SPLITS}
+
+    def add(split, u, end):
+        refs[split][0].append(u)
+        refs[split][1].append(end)
+
+    for u, (user, items) in enumerate(zip(seqs.users, seqs.items, strict=True)):
         n = len(items)
-
-        def sample(end, u=u, user=user, domain=domain, items=items, stamps=stamps):
-            return {"key": f"u{u:09d}", "user": user, "domain": domain, "items": items[:end], "timestamps": stamps[:end]}
-
         if n == 1:
             skips.skip("user_with_one_event", f"user {user!r}", "one event: no (history, next item) pair")
             continue
         if n == 2:
-            out["train"].append(sample(2))
+            add("train", u, 2)
             continue
         if n - 2 >= 2:
-            out["train"].append(sample(n - 2))
+            add("train", u, n - 2)
         else:
             skips.skip("train_sequence_too_short", f"user {user!r}", "3 events: train part has 1 item (user kept in valid/test)")
-        out["valid"].append(sample(n - 1))
-        out["test"].append(sample(n))
-    return out
+        add("valid", u, n - 1)
+        add("test", u, n)
+    return {split: SplitSamples(seqs, *refs[split]) for split in SPLITS}
 
 
 def tokenize_catalogue(raw: readers.RawDataset, catalogue: list[str], item_tok: ItemTokenizer,
@@ -239,20 +277,21 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
 
     per_shard = cfg.data.samples_per_shard
     shards = {}
-    jobs = [(split, lo // per_shard, samples[lo:lo + per_shard])
-            for split, samples in splits.items() for lo in range(0, len(samples), per_shard)]
+    # (split, shard index, first sample): each shard's samples are built when it is written
+    jobs = [(split, lo // per_shard, lo) for split, samples in splits.items() for lo in range(0, len(samples), per_shard)]
     for old in (root / "shards").glob("*.tar") if (root / "shards").is_dir() else []:
         old.unlink()  # a re-run with fewer shards must not leave stale ones beside the new manifest
     if ray_address is None:
-        infos = [write_shard(root, split, index, chunk)
-                 for split, index, chunk in tqdm(jobs, desc="write shards", unit="shard", disable=None if progress else True)]
+        infos = [write_shard(root, split, index, splits[split][lo:lo + per_shard])
+                 for split, index, lo in tqdm(jobs, desc="write shards", unit="shard", disable=None if progress else True)]
     else:  # one Ray task per shard; write_shard is a pure function, so the bytes are the local run's
         import ray
 
         if not ray.is_initialized():
             ray.init(address=ray_address, log_to_driver=False)
         task = ray.remote(num_cpus=1)(write_shard)
-        infos = ray.get([task.remote(str(root.resolve()), split, index, chunk) for split, index, chunk in jobs])
+        infos = ray.get([task.remote(str(root.resolve()), split, index, splits[split][lo:lo + per_shard])
+                         for split, index, lo in jobs])
         log.info("wrote %d shards as Ray tasks on %s", len(infos), ray_address)
     for split in SPLITS:
         shards[split] = shard_info_dicts([i for (s, _, _), i in zip(jobs, infos, strict=True) if s == split])
@@ -265,7 +304,7 @@ def prepare(cfg: Config, progress: bool = True, ray_address: str | None = None) 
         "interactions": int(sum(len(s) for s in seqs.items)),
         "splits": {
             split: {"sequences": len(samples),
-                    "interactions": int(sum(len(s["items"]) for s in samples)) if split == "train" else len(samples)}
+                    "interactions": samples.interactions() if split == "train" else len(samples)}
             for split, samples in splits.items()
         },
         "item_tokens": {"mean": float(token_lengths.mean()), "max": int(token_lengths.max())},
