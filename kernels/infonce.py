@@ -104,12 +104,12 @@ def _normalize(x):
     return F.normalize(x.float(), dim=-1).to(x.dtype)
 
 
-def _excluded(row_ids, key_ids, targets, lo, hi, cols):
-    """(hi - lo, M) bool: keys that share row r's positive id but are not its positive (None: no ids)."""
+def _excluded(row_ids, key_ids, targets, lo, hi, a, b):
+    """(hi - lo, b - a) bool: keys a..b-1 that share row r's positive id but are not its positive (None: no ids)."""
     if row_ids is None:
         return None
-    same = row_ids[lo:hi, None] == key_ids[None, :]
-    return same & (cols[None, :] != targets[lo:hi, None])
+    cols = torch.arange(a, b, device=key_ids.device)
+    return (row_ids[lo:hi, None] == key_ids[None, a:b]) & (cols[None, :] != targets[lo:hi, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def _reference(q, k, targets, inv_temp, key_ids=None):
     logits = (q.float() @ k.float().T) * inv_temp
     target_logit = logits.gather(1, targets[:, None])[:, 0]
     if key_ids is not None:
-        cols = torch.arange(k.shape[0], device=k.device)
-        logits = logits.masked_fill(_excluded(key_ids[targets], key_ids, targets, 0, q.shape[0], cols), float("-inf"))
+        excluded = _excluded(key_ids[targets], key_ids, targets, 0, q.shape[0], 0, k.shape[0])
+        logits = logits.masked_fill(excluded, float("-inf"))
     return torch.logsumexp(logits, -1) - target_logit
 
 
@@ -139,7 +139,7 @@ class _ChunkedFn(torch.autograd.Function):
             qc = q[i:i + rows].float()
             for a in range(0, k.shape[0], keys):
                 logits = (qc @ k[a:a + keys].float().T) * inv_temp
-                excluded = _excluded_block(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + logits.shape[1])
+                excluded = _excluded(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + logits.shape[1])
                 if excluded is not None:
                     logits = logits.masked_fill(excluded, float("-inf"))
                 lse[i:i + rows] = torch.logaddexp(lse[i:i + rows], torch.logsumexp(logits, -1))
@@ -163,7 +163,7 @@ class _ChunkedFn(torch.autograd.Function):
                 kc = k[a:a + keys].float()
                 # d loss_r / d logits_rj = softmax_rj - [j == t_r], times the upstream weight of row r
                 g = torch.exp((qc @ kc.T) * inv_temp - lse[i:i + rows, None])
-                excluded = _excluded_block(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + kc.shape[0])
+                excluded = _excluded(row_ids, key_ids, targets, i, i + qc.shape[0], a, a + kc.shape[0])
                 if excluded is not None:
                     g.masked_fill_(excluded, 0.0)
                 t = targets[i:i + rows]
@@ -185,14 +185,6 @@ def _tiles(n: int, m: int) -> tuple[int, int]:
     with the whole key table (small catalogues: one key block), else ROW_TILE rows and key blocks."""
     rows = max(1, min(n, max(ROW_TILE, _CHUNK_ELEMENTS // max(1, m))))
     return rows, max(1, _CHUNK_ELEMENTS // rows)
-
-
-def _excluded_block(row_ids, key_ids, targets, lo, hi, a, b):
-    """(hi - lo, b - a) bool: keys a..b-1 that share row r's positive id but are not its positive."""
-    if row_ids is None:
-        return None
-    cols = torch.arange(a, b, device=key_ids.device)
-    return (row_ids[lo:hi, None] == key_ids[None, a:b]) & (cols[None, :] != targets[lo:hi, None])
 
 
 def _chunked(q, k, targets, inv_temp, key_ids=None):
