@@ -302,7 +302,7 @@ def stage_stream(args: dict) -> dict:
                      f"{open_ms / 1e3:.1f} s")
 
 
-def _vector_model(root: Path, train: list[list[int]], num_items: int):
+def _vector_model(train: list[list[int]], num_items: int):
     import torch
 
     from jepa4rec_dist.hybrid.model import HybridConfig, HybridSeqRec
@@ -314,7 +314,7 @@ def _vector_model(root: Path, train: list[list[int]], num_items: int):
     return HybridSeqRec(num_items, HybridConfig(), text, counts)
 
 
-def _train_sequences(root: Path, num_items: int) -> list[list[int]]:
+def _train_sequences(root: Path) -> list[list[int]]:
     from jepa4rec_dist.data.shards import iter_records
 
     return [r["items"] for r in iter_records(root, "train")]
@@ -334,7 +334,7 @@ def stage_evaluate(args: dict) -> dict:
     root = Path(cfg.data.out_dir)
     counts = load_manifest(root)["counts"]
     num_items = counts["items"]
-    model = _vector_model(root, _train_sequences(root, num_items), num_items)
+    model = _vector_model(_train_sequences(root), num_items)
     scorer = HybridScorer(model)
     users = 2 * EVAL_BATCH if args["smoke"] else EVAL_USERS
     records = list(itertools.islice(iter_records(root, "test"), users))
@@ -369,8 +369,8 @@ def stage_finetune(args: dict) -> dict:
     cfg = _cfg(args)
     root = Path(cfg.data.out_dir)
     num_items = load_manifest(root)["counts"]["items"]
-    train = _train_sequences(root, num_items)
-    model = _vector_model(root, train, num_items)
+    train = _train_sequences(root)
+    model = _vector_model(train, num_items)
     hc = model.cfg
     batch = args.get("batch", FT_BATCH)
     # the same number of targets at every size (FT_WINDOW - 1 per window): the step's cost is then a function

@@ -95,7 +95,7 @@ def _lengths(rng: np.random.Generator, spec: SyntheticSpec) -> np.ndarray:
     return lengths
 
 
-def generate(out_dir: str | Path, spec: SyntheticSpec, progress: bool = False) -> dict:
+def generate(out_dir: str | Path, spec: SyntheticSpec) -> dict:
     """Write `meta_Synthetic.jsonl` and `Synthetic.jsonl` into `out_dir`; returns the statistics drawn
     (spec, users, items, interactions, per-item counts summary, seconds, bytes)."""
     spec.check()
