@@ -178,11 +178,6 @@ def register_model() -> None:
     AutoModel.register(Jepa4RecConfig, Jepa4RecModelStandIn, exist_ok=True)
 
 
-def register() -> None:
-    register_config()
-    register_model()
-
-
 def __getattr__(name):  # `from jepa4rec_dist.hf import Jepa4RecModel`: the real class
     if name == "Jepa4RecModel":
         return model_class()
