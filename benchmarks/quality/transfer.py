@@ -22,7 +22,10 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
                 vectors whitened with the source's map) and trained on the share F of the target's users;
                 `seq-0` is that source model on the target as it is (zero-shot);
   tokens-F      the token-level two-stage finetuning (`jepa4rec finetune`) on the share F of the users.
-F in --fractions (default 0.01,0.05,1). `--seeds N` trains the vectors-F and seq-F ways N times (`hybrid.seed`
+F in --fractions (default 0.01,0.05,1). `--pretrain-seeds N` pretrains each arm N times (`train.seed` and
+`loader.seed` 0..N-1: initialisation, masking, sample order; seed p > 0 in `<out>/<arm>@p<p>/`) and runs every
+way on each export: the report averages each user's metric over an arm's pretraining seeds too, so a
+difference between objectives is not one pretraining run's luck. `--seeds N` trains the vectors-F and seq-F ways N times (`hybrid.seed`
 0..N-1: initialisation, dropout, batch order; the same users; seed s > 0 in `<arm>/<way>@s<s>/`): the report
 averages each user's metric over the seeds before the paired intervals (a single fit's training noise is as
 large as the differences between arms at 1-5% of the users; benchmarks/EXPERIMENTS.md, 2026-12-01).
@@ -92,9 +95,29 @@ def ways(names: str, fractions: list[float]) -> list[str]:
     return out
 
 
+def split_arm(name: str) -> tuple[str, int]:
+    """(arm, pretraining seed) of an arm's run name: `jepa` -> ("jepa", 0), `jepa@p2` -> ("jepa", 2)."""
+    arm, _, seed = name.partition("@p")
+    return arm, int(seed or 0)
+
+
+def arm_overrides(name: str) -> list[str] | None:
+    """The source recipe's overrides of an arm's run (`<arm>` or `<arm>@p<seed>`); None: no pretraining."""
+    arm, seed = split_arm(name)
+    if ARMS[arm] is None:
+        return None
+    return [*ARMS[arm], *([f"--train.seed={seed}", f"--loader.seed={seed}"] if seed else [])]
+
+
+def arm_runs(arms: list[str], pretrain_seeds: int) -> list[str]:
+    """The runs of `arms`: each pretrained arm once per pretraining seed (`<arm>@p<s>` for s > 0)."""
+    return [a if s == 0 else f"{a}@p{s}" for a in arms for s in range(pretrain_seeds if ARMS[a] is not None else 1)]
+
+
 def pretrained(arm: str, source: str, out: Path) -> str:
     """The arm's encoder: `minilm`, or its export on the source (pretrained here when missing)."""
-    if ARMS[arm] is None:
+    overrides = arm_overrides(arm)
+    if overrides is None:
         return "minilm"
     from jepa4rec_dist.config import load_config
     from jepa4rec_dist.train.pretrain import pretrain
@@ -102,7 +125,7 @@ def pretrained(arm: str, source: str, out: Path) -> str:
     folder = out / arm / "pretrain"
     export = folder / "export"
     if not (export / "config.json").is_file():
-        cfg = load_config([source], [*ARMS[arm], f"--train.output_dir={folder}"])
+        cfg = load_config([source], [*overrides, f"--train.output_dir={folder}"])
         if not (Path(cfg.data.out_dir) / "manifest.json").is_file():
             from jepa4rec_dist.data.prepare import prepare
 
@@ -314,14 +337,15 @@ def run(args, arms: list[str], chosen_ways: list[str]) -> None:
 # report
 # ---------------------------------------------------------------------------------------------------------
 def load(out: Path, split: str) -> dict:
-    """{arm: {way: [(eval json document, rank file) per training seed, seed 0 first]}} of every evaluation
-    under `out`."""
+    """{arm: {way: [(eval json document, rank file) per run: pretraining seed, then training seed, seed 0
+    first]}} of every evaluation under `out` (an arm's pretraining seeds `<arm>@p<s>` are runs of the arm)."""
     from jepa4rec_dist.eval.ranks import read_ranks
 
     found: dict = {}
-    for path in sorted(out.glob(f"*/eval-{split}/*.json"), key=lambda p: (p.parent.as_posix(), parse_way(p.stem))):
+    for path in sorted(out.glob(f"*/eval-{split}/*.json"),
+                       key=lambda p: (split_arm(p.parent.parent.name), parse_way(p.stem))):
         doc = json.loads(path.read_text())
-        arm, way = path.parent.parent.name, path.stem.partition("@s")[0]
+        arm, way = split_arm(path.parent.parent.name)[0], path.stem.partition("@s")[0]
         found.setdefault(arm, {}).setdefault(way, []).append(
             (doc, read_ranks(path.parent / doc["methods"][0]["ranks_file"])))
     return found
@@ -431,8 +455,8 @@ def markdown(summary: dict, split: str, source: str, target: str, version: dict)
              "trained on a share F of the target's training users), `seq-F` (that model trained on the source first, "
              "then moved to the target's catalogue and trained on the share F; `seq-0`: not trained on the target), "
              "`tokens-F` (token-level two-stage finetuning on that share). NDCG@10, all users of the split; a cell "
-             "marked (N) averages N training seeds of the same users' fit, and its paired intervals average each "
-             "user's metric over those seeds first.", ""]
+             "marked (N) averages N runs: training seeds of the same users' fit and/or pretraining seeds of the arm "
+             "(`--pretrain-seeds`), and its paired intervals average each user's metric over those runs first.", ""]
     whiten = sorted({p.get("text_whiten") for w in summary["cells"].values() for c in w.values() for p in c.values()}
                     - {None})
     if whiten:
@@ -554,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1,
                         help="training seeds (hybrid.seed 0..N-1) of the vectors-F and seq-F ways; the report averages "
                              "each user's metric over them")
+    parser.add_argument("--pretrain-seeds", type=int, default=1,
+                        help="pretrain each arm this many times (train.seed / loader.seed 0..N-1), every way on each")
     parser.add_argument("--out", default="runs/transfer/ml-1m-to-ml-100k")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--report", action="store_true", help="write TRANSFER.md / transfer.json / transfer.png")
@@ -571,8 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds < 1 or args.pretrain_seeds < 1:
+        raise SystemExit(f"--seeds and --pretrain-seeds must be >= 1, got {args.seeds}, {args.pretrain_seeds}")
+    arms = arm_runs(arms, args.pretrain_seeds)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if any(not 0 < f <= 1 for f in fractions):  # seq-0 is the one way without target training
         raise SystemExit(f"--fractions must lie in (0, 1], got {fractions}")
