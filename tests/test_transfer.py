@@ -210,3 +210,26 @@ def test_transfer_runner_end_to_end(uneven_dataset, other_dataset, tmp_path, mon
         transfer.main([*common, "--arms", "bert"])
     with pytest.raises(SystemExit, match="unknown way"):
         transfer.main([*common, "--ways", "zero"])
+
+    # a second pretraining seed of an arm: its own pretraining (train / loader seed 1, another export), every
+    # asked way run on it, and the report averages each user's metric over the arm's runs
+    assert transfer.main([*common, "--arms", "recformer", "--ways", "zero-shot", "--pretrain-seeds", "2"]) == 0
+    assert not (out / "recformer@p0").exists() and (out / "recformer@p1" / "pretrain" / "export").is_dir()
+    seeded_cfg = load_config([str(out / "recformer@p1" / "pretrain" / "config.yaml")])
+    assert (seeded_cfg.train.seed, seeded_cfg.loader.seed, seeded_cfg.pretrain.objective) == (1, 1, "recformer")
+    assert load_config([str(out / "recformer" / "pretrain" / "config.yaml")]).train.seed == 0
+    runs = [json.loads((out / a / "eval-test" / "zero-shot.json").read_text()) for a in ("recformer", "recformer@p1")]
+    per_run = [next(r["ndcg@10"] for r in d["rows"] if r["setting"] == "all" and r["protocol"] == "history-excluded")
+               for d in runs]
+    assert transfer.main([*common, "--report"]) == 0
+    summary = json.loads((reports / "transfer.json").read_text())
+    assert summary["arms"] == ["jepa", "recformer"]  # the seed is a run of the arm, not an arm
+    cell = summary["cells"]["recformer"]["zero-shot"]["history-excluded"]
+    assert cell["seeds"] == 2 and cell["ndcg@10_per_seed"] == per_run
+    assert cell["ndcg@10"] == pytest.approx(sum(per_run) / 2)
+    zs = next(p for p in summary["pairs"] if p["way"] == "zero-shot" and p["arm_a"] == "jepa"
+              and p["arm_b"] == "recformer" and p["protocol"] == "history-excluded")
+    assert (zs["runs_a"], zs["runs_b"]) == (1, 2)
+    with pytest.raises(SystemExit, match="pretrain-seeds"):
+        transfer.main([*common, "--arms", "jepa", "--pretrain-seeds", "0"])
+    assert transfer.arm_runs(["minilm", "jepa"], 3) == ["minilm", "jepa", "jepa@p1", "jepa@p2"]
