@@ -72,6 +72,7 @@ ARMS: dict[str, list[str] | None] = {
     # JEPA4Rec with its MLM term on at that rate: against recformer-lr3e5 only the objective differs
     # (the reverse direction, benchmarks/EXPERIMENTS.md 2026-12-02)
     "jepa-lr3e5": ["--pretrain.objective=jepa", "--train.lr=3e-5"],
+    "contrastive-lr3e5": ["--pretrain.objective=recformer", "--pretrain.mlm_weight=0", "--train.lr=3e-5"],
     # twice the steps at that rate (benchmarks/EXPERIMENTS.md, 2026-12-01)
     "jepa-nomlm-lr3e5-600": ["--pretrain.objective=jepa", "--pretrain.mlm_weight=0", "--train.lr=3e-5",
                              "--train.max_steps=600", "--train.warmup_steps=60"],
