@@ -25,10 +25,11 @@ Ways (`--ways`) of using an arm's encoder on the target, each evaluated with bot
 F in --fractions (default 0.01,0.05,1). `--pretrain-seeds N` pretrains each arm N times (`train.seed` and
 `loader.seed` 0..N-1: initialisation, masking, sample order; seed p > 0 in `<out>/<arm>@p<p>/`) and runs every
 way on each export: the report averages each user's metric over an arm's pretraining seeds too, so a
-difference between objectives is not one pretraining run's luck. `--seeds N` trains the vectors-F and seq-F ways N times (`hybrid.seed`
-0..N-1: initialisation, dropout, batch order; the same users; seed s > 0 in `<arm>/<way>@s<s>/`): the report
-averages each user's metric over the seeds before the paired intervals (a single fit's training noise is as
-large as the differences between arms at 1-5% of the users; benchmarks/EXPERIMENTS.md, 2026-12-01).
+difference between objectives is not one pretraining run's luck. `--seeds N` trains the vectors-F and seq-F
+ways N times (`hybrid.seed` 0..N-1: initialisation, dropout, batch order; the same users; seed s > 0 in
+`<arm>/<way>@s<s>/`): the report averages each user's metric over the seeds before the paired intervals (a
+single fit's training noise is as large as the differences between arms at 1-5% of the users;
+benchmarks/EXPERIMENTS.md, 2026-12-01).
 Every trained way stops on the target's validation split; the test split is read only by the evaluation written
 to `<out>/<arm>/eval-<split>/<way>.json` (+ per-user ranks).
 Each finished step is skipped when run again, so a stopped run resumes.
