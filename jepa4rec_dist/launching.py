@@ -7,6 +7,7 @@ Errors in user input end the process with exit code 2 and one line naming the ke
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -24,7 +25,28 @@ def launcher_cli(job: str, doc: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, later wins)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args, overrides = parser.parse_known_args(argv)
-    return launch_main(job, args.config, overrides, dict(os.environ), args.local_rank)
+    faulthandler.enable()  # a rank killed by a signal (SIGSEGV, SIGABRT) prints its Python stack to its log
+    env = dict(os.environ)
+    rc = launch_main(job, args.config, overrides, env, args.local_rank)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        exit_now(rc)
+    return rc
+
+
+def exit_now(rc: int) -> None:
+    """End a launched rank once its work is done and its results are written: flush what Python buffers, then
+    `os._exit`. A normal interpreter exit next finalizes Python and runs C++ destructors, and there (after
+    `destroy_process_group`, with no Python frame left on the stack) a rank of a two-rank gloo finetune on CPU
+    aborted about once in 20 runs with `terminate called without an active exception` (a C++ thread destroyed
+    while joinable, most likely a gloo worker of a process group object still referenced at exit), and the
+    launcher failed a run whose results were already written."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(rc)
 
 
 def runtime_from_env(env: dict, local_rank_arg: int | None):
