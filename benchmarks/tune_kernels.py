@@ -7,7 +7,7 @@ For each kernel part (attention `row`: forward + dQ; attention `col`: dK/dV; `in
 InfoNCE backend's fused step, its columns a step, warps and logits budget a chunk) and each
 configuration of its grid (`GRIDS`; `--max-configs` keeps the first N, the heuristic default first), every kernel
 variant a launch uses is compiled ahead of time for sm_90, specialised as a launch at the shape is (16-byte aligned
-pointers, the integer arguments that are multiples of 16; `kernels.tuning.compile_report`: registers, spill bytes,
+pointers, the integer arguments that are multiples of 16; `jepa4rec_dist.kernels.tuning.compile_report`: registers, spill bytes,
 shared memory; the compiler's error where it rejects a tile). On CUDA, configurations that neither spill
 nor fail are then timed forward + backward through the public op at the shape (`--shapes paper`: attention
 B=8, L=2048, w=32, H=12, D=64; InfoNCE 2048 x 262144 x 768 with key gradients), with the other part at its
@@ -47,7 +47,7 @@ SHAPES = {  # attention (B, H, L, D, w), InfoNCE (N, M, d)
 
 
 def default_tiles(part: str, dim: int, dtype: torch.dtype) -> dict:
-    from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
+    from jepa4rec_dist.kernels import _infonce_gemm, _infonce_triton, _local_global_triton
 
     cuda = torch.device("cuda")
     if part == "gemm":
@@ -68,12 +68,12 @@ def configs(part: str, dim: int, dtype: torch.dtype, limit: int | None) -> list[
 
 
 def override(part: str, tiles_: dict) -> dict:
-    """`kernels.tuning.tiles` arguments for one configuration of `part`."""
+    """`jepa4rec_dist.kernels.tuning.tiles` arguments for one configuration of `part`."""
     return tiles_ if part in ("infonce", "gemm") else {part: tiles_}
 
 
 def module_of(part: str):
-    from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
+    from jepa4rec_dist.kernels import _infonce_gemm, _infonce_triton, _local_global_triton
 
     return {"infonce": _infonce_triton, "gemm": _infonce_gemm}.get(part, _local_global_triton)
 
@@ -81,7 +81,13 @@ def module_of(part: str):
 def compile_part(part: str, tiles_: dict, shape: tuple, dt: str) -> list[dict]:
     """The compile report of one configuration, specialised as a launch at `shape` is (the integer arguments
     that are multiples of 16 there)."""
-    from kernels.tuning import attention_variants, compile_report, gemm_variants, infonce_variants, tiles
+    from jepa4rec_dist.kernels.tuning import (
+        attention_variants,
+        compile_report,
+        gemm_variants,
+        infonce_variants,
+        tiles,
+    )
 
     with tiles(module_of(part), **override(part, tiles_)):
         if part == "gemm":  # the chunk budget changes no compiled code
@@ -99,8 +105,8 @@ def compile_part(part: str, tiles_: dict, shape: tuple, dt: str) -> list[dict]:
 
 def timer(part: str, shape: tuple, dtype: torch.dtype, device: torch.device):
     """fwd + bwd of the public op at `shape` (CUDA): a function of no arguments, for `measure`."""
-    from kernels.infonce import infonce_loss
-    from kernels.local_global_attention import local_global_attention
+    from jepa4rec_dist.kernels.infonce import infonce_loss
+    from jepa4rec_dist.kernels.local_global_attention import local_global_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
     if part in ("infonce", "gemm"):
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    from kernels.tuning import DTYPES
+    from jepa4rec_dist.kernels.tuning import DTYPES
 
     dtype = DTYPES[args.dtype]
     known = {}
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["note"] = "not timed (CPU: compile report only)"
             else:
                 from benchmarks.harness import measure
-                from kernels.tuning import tiles
+                from jepa4rec_dist.kernels.tuning import tiles
 
                 with tiles(module_of(part), **override(part, tiles_)):
                     try:

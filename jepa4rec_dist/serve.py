@@ -110,7 +110,10 @@ class ExportModel:
         tok = TokenizerInfo.from_dict(meta["tokenizer"])
         hf_tok = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").is_file() else \
             load_tokenizer(tok.name)
-        encoder = build_encoder(replace(ModelConfig(), init_from=str(folder)), tok, with_head=False)[0]
+        # no user config here: the attention window is the one the export was trained with (build_encoder takes
+        # run-time knobs from the config it is given, and ModelConfig()'s default window is 32)
+        encoder = build_encoder(replace(ModelConfig(), init_from=str(folder), attention_window=saved.attention_window),
+                                tok, with_head=False)[0]
         device = torch.device(device)
         return cls(folder, encoder.to(device).eval(), hf_tok, tok, meta["item_text"],
                    _build(SequenceConfig, meta.get("sequence") or {}, "sequence"), source_identity(str(folder)),

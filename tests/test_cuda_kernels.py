@@ -54,8 +54,8 @@ def attention_inputs(batch, heads, length, dim, n_global, dtype, seed, pad=True)
 
 
 def attention_fp64(q, k, v, window, glob, padding):
-    """Dense float64 reference: what kernels/local_global_attention.py's `reference` computes, in fp64."""
-    from kernels.local_global_attention import dense_attention_mask
+    """Dense float64 reference: what jepa4rec_dist/kernels/local_global_attention.py's `reference` computes, in fp64."""
+    from jepa4rec_dist.kernels.local_global_attention import dense_attention_mask
 
     batch, _, length, dim = q.shape
     allowed = dense_attention_mask(length, window, glob, padding, batch=batch)[:, None]  # (B, 1, L, L)
@@ -66,7 +66,7 @@ def attention_fp64(q, k, v, window, glob, padding):
 
 
 def check_attention(batch, heads, length, dim, window, n_global, dtype, seed=0, backward=True, backend="triton"):
-    from kernels import local_global_attention
+    from jepa4rec_dist.kernels import local_global_attention
 
     q, k, v, glob, padding = attention_inputs(batch, heads, length, dim, n_global, dtype, seed)
     ref_inputs = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
@@ -121,7 +121,7 @@ def test_attention_more_global_tokens_than_a_chunk():
 def test_flex_backend_at_both_block_sizes(block, monkeypatch):
     """The flex backend (compiled FlexAttention, general mask: two global tokens) at the block sizes the benchmark
     times, against the same fp64 reference."""
-    from kernels import local_global_attention as lga
+    from jepa4rec_dist.kernels import local_global_attention as lga
 
     monkeypatch.setattr(lga, "FLEX_BLOCK_SIZE", block)
     check_attention(2, 2, 1000, 64, 32, 1, torch.bfloat16, seed=10, backend="flex")
@@ -153,7 +153,7 @@ def check_infonce(n_rows, n_keys, dim, dtype, seed=0, keys_grad=True, tau=0.05, 
     unscaled gradients of a mean over thousands of rows (~1e-8 a key) are below what fp16 can hold at all.
     reduction "none": per-row losses, then their mean (the gemm backend's recompute path); "mean": the fused
     reduction (the gemm backend takes its gradients in the forward)."""
-    from kernels import infonce_loss
+    from jepa4rec_dist.kernels import infonce_loss
 
     scale = 2.0**16 if dtype == torch.float16 else 1.0
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -37,7 +37,10 @@ def args(root, out, zero, *extra):
     return ["--config", str(REPO / "configs/model/tiny.yaml"), f"--data.out_dir={root}", f"--train.output_dir={out}",
             f"--train.max_steps={STEPS}", "--train.log_every=1", "--train.save_every=3", "--loader.batch_size=4",
             "--loader.num_workers=1", "--model.hidden_dropout=0.0", "--train.lr=1e-3", f"--train.zero_stage={zero}",
-            "--train.record_keys=true", "--train.collective_timeout_s=60", *extra]
+            "--train.record_keys=true", "--train.collective_timeout_s=60",
+            # one thread per rank, as the test process computes: the live evaluation a rank runs and the same one
+            # run here then add up in the same order on any machine, so target ranks are equal, not nearly equal
+            "--train.cpu_threads=1", *extra]
 
 
 def launch(root, out, zero, *extra, wait=True, ranks=2):
@@ -212,7 +215,8 @@ def test_distributed_finetune_zero3_and_its_export(runs, tmp_path):
     cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch/finetune.py"),
            "--config", str(REPO / "configs/model/tiny.yaml"), f"--data.out_dir={root}", f"--finetune.output_dir={out}",
            f"--finetune.init_from={base / 'z2' / 'export'}", "--finetune.stage1_epochs=2", "--finetune.stage2_epochs=1",
-           "--finetune.max_steps_per_epoch=3", "--finetune.lr=1e-3", "--train.zero_stage=3", "--loader.num_workers=1"]
+           "--finetune.max_steps_per_epoch=3", "--finetune.lr=1e-3", "--train.zero_stage=3", "--loader.num_workers=1",
+           "--train.cpu_threads=1"]  # one thread, as this process: the same sums, the same ranks
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = json.loads((out / "result.json").read_text())
@@ -241,7 +245,7 @@ def test_hybrid_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     common = [f"--data.out_dir={root}", "--finetune.model=hybrid", "--hybrid.text_from=minilm", "--model.pooling=mean",
               "--hybrid.max_len=8", "--hybrid.hidden=32", "--hybrid.lr=1e-3", "--hybrid.epochs=3", "--hybrid.patience=0",
               "--hybrid.dropout=0.0", "--hybrid.batch_size=15", "--hybrid.id_init=normal", "--hybrid.align=[mmd]", "--hybrid.align_max_items=6",
-              "--train.collective_timeout_s=60"]
+              "--train.collective_timeout_s=60", "--train.cpu_threads=1"]
     single = subprocess.run([sys.executable, str(REPO / "launch/finetune.py"), *common,
                              f"--hybrid.output_dir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
@@ -255,7 +259,9 @@ def test_hybrid_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     for a, b in zip(one, two, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-4), (a, b)
         assert b["align_mmd"] == pytest.approx(a["align_mmd"], rel=2e-3)
-        assert b["valid_ndcg@10"] == pytest.approx(a["valid_ndcg@10"], abs=2e-3)
+        # the weights agree to reduction-order noise (losses to 2e-4), so a validation target that nearly ties
+        # with another item may move one place: up to two of the 120 users one place each (<= 0.37 / 120 each)
+        assert b["valid_ndcg@10"] == pytest.approx(a["valid_ndcg@10"], abs=2 * 0.37 / 120)
         assert a["targets"] == b["targets"]
 
 

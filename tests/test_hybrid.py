@@ -166,8 +166,10 @@ def test_frequency_gate_follows_item_frequency():
         opt.step()
     g = gate(freq).detach()
     assert g[:8, 0].min() > 0.9 and g[8:, 1].min() > 0.9
-    order = torch.argsort(freq)
-    assert (torch.diff(g[order, 0]) >= 0).all()  # monotone in frequency
+    # monotone in frequency: every item of the frequent group above every item of the rare one; inside a group
+    # (equal counts) the gates are equal up to the last bits, so no order is asked of them
+    assert g[:8, 0].min() > g[8:, 0].max()
+    assert torch.allclose(g[:8, 0], g[0, 0], atol=1e-6) and torch.allclose(g[8:, 0], g[8, 0], atol=1e-6)
 
 
 def test_id_dropout_zeroes_the_dropped_items_ids_in_inputs_and_keys():

@@ -1,4 +1,4 @@
-"""Tests of kernels/infonce.py: the triton, chunked and gemm backends against the fp32 reference, the loss and
+"""Tests of jepa4rec_dist/kernels/infonce.py: the triton, chunked and gemm backends against the fp32 reference, the loss and
 the gradients to queries and keys, for diagonal and explicit targets. Triton runs on the CPU interpreter."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _infonce_gemm as gemm_module
-from kernels import infonce as infonce_module
-from kernels import infonce_loss
-from kernels.infonce import _triton, available_backends
+from jepa4rec_dist.kernels import _infonce_gemm as gemm_module
+from jepa4rec_dist.kernels import infonce as infonce_module
+from jepa4rec_dist.kernels import infonce_loss
+from jepa4rec_dist.kernels.infonce import _triton, available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
@@ -259,7 +259,7 @@ def test_backend_availability(monkeypatch):
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    from kernels.tuning import compile_report, gemm_variants, infonce_variants
+    from jepa4rec_dist.kernels.tuning import compile_report, gemm_variants, infonce_variants
     # what a launch at these shapes compiles: aligned pointers, N / M / d multiples of 16 specialised
     for dt, dim in [("bf16", 768), ("fp32", 64)]:
         for r in compile_report(infonce_variants(dim, dt)) + compile_report(gemm_variants(dt)):
@@ -305,7 +305,7 @@ def test_fp16_gradients_do_not_underflow_with_small_row_weights():
 def test_auto_on_cpu_switches_to_chunked_for_big_logit_matrices(monkeypatch):
     """`auto` on CPU: the reference while N x M logits are small, the chunked backend above the threshold (the
     scale suite's finetuning step over 10^6 items held gigabytes of logits with the reference); same numbers."""
-    import kernels.infonce as mod
+    import jepa4rec_dist.kernels.infonce as mod
 
     assert mod.resolve_auto(256, 10_000) == "reference" and mod.resolve_auto(256, 10**6) == "chunked"
     assert mod.resolve_auto(256, 10**6, "cuda") == "triton"
@@ -328,7 +328,7 @@ def test_chunked_tiles_rows_and_key_blocks(monkeypatch, frozen):
     """The chunked backend's 2-D tiles (4 rows x 6 keys here): running log-sum-exp across key blocks, targets and
     duplicate-positive masks in any block, per-row upstream weights; equal to the reference, with and without key
     gradients."""
-    import kernels.infonce as mod
+    import jepa4rec_dist.kernels.infonce as mod
 
     monkeypatch.setattr(mod, "ROW_TILE", 4)
     monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 24)

@@ -18,8 +18,10 @@ def setup(uneven_dataset):
     root, _ = uneven_dataset
 
     def make(objective="jepa", *extra):
+        # CLS pooling: the hand computations below take the CLS state (`cls`) as the representation
         cfg = load_config([Path("configs/model/tiny.yaml")], [f"--data.out_dir={root}", f"--pretrain.objective={objective}",
-                                                             "--loader.batch_size=4", "--loader.num_workers=0", *extra])
+                                                             "--loader.batch_size=4", "--loader.num_workers=0",
+                                                             "--model.pooling=cls", *extra])
         torch.manual_seed(0)
         tok, loader = data_for(cfg)
         model = build_pretrain_model(cfg, tok)

@@ -1,4 +1,4 @@
-"""Tests of kernels/local_global_attention.py: every backend against the fp32 reference, forward and all
+"""Tests of jepa4rec_dist/kernels/local_global_attention.py: every backend against the fp32 reference, forward and all
 gradients, on awkward shapes. The triton backend runs on the CPU interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py), so shapes are tiny; a subprocess test compiles the kernels for sm_90 ahead of time."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import local_global_attention
-from kernels._local_global_flash import WindowOps, flash_local_global
-from kernels.local_global_attention import available_backends, dense_attention_mask
+from jepa4rec_dist.kernels import local_global_attention
+from jepa4rec_dist.kernels._local_global_flash import WindowOps, flash_local_global
+from jepa4rec_dist.kernels.local_global_attention import available_backends, dense_attention_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 # (atol, rtol) against the fp32 oracle; 16-bit: P and dS are rounded to the input dtype inside the kernel
@@ -180,7 +180,7 @@ def test_flex_mask_mod_equals_the_dense_mask(structure):
     the index-only mask_mod; any other masks the general one."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from kernels.local_global_attention import flex_mask_mod
+    from jepa4rec_dist.kernels.local_global_attention import flex_mask_mod
 
     batch, length, window = 4, 45, 3
     gen = torch.Generator().manual_seed(13)
@@ -216,7 +216,7 @@ def test_available_backends_and_auto_on_cpu():
 
 
 def test_triton_unavailable_without_interpreter(monkeypatch):
-    from kernels.local_global_attention import BACKENDS
+    from jepa4rec_dist.kernels.local_global_attention import BACKENDS
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in BACKENDS["triton"].unavailable_reason(torch.device("cpu"))
@@ -243,7 +243,7 @@ def test_bad_inputs_raise_value_error(bad, match):
 
 # --- the kernels compile for an H100 (sm_90); the interpreter does not catch compiler-only errors ------------
 _COMPILE_SCRIPT = textwrap.dedent("""
-    from kernels.tuning import attention_variants, compile_report
+    from jepa4rec_dist.kernels.tuning import attention_variants, compile_report
     # what a launch compiles at L and window multiples of 16: aligned pointers, L / window specialised
     for dt, head_dim in [("bf16", 64), ("bf16", 128), ("fp32", 64)]:
         for part in ("row", "col"):

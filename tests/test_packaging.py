@@ -55,8 +55,8 @@ WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = None  # what a platform without triton wheels looks like to an import
 import torch
-from kernels.infonce import available_backends as loss_backends, infonce_loss
-from kernels.local_global_attention import available_backends as attention_backends, local_global_attention
+from jepa4rec_dist.kernels.infonce import available_backends as loss_backends, infonce_loss
+from jepa4rec_dist.kernels.local_global_attention import available_backends as attention_backends, local_global_attention
 from jepa4rec_dist.config import load_config
 from jepa4rec_dist.model import build_encoder
 q, k, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
@@ -91,3 +91,19 @@ def test_without_triton_the_package_runs_and_the_triton_backends_say_why():
         assert f"{backend} refused: infonce backend '{backend}' cannot run here: triton is not installed" in out, out
     assert "attention triton refused:" in out and "triton is not installed" in out.split("attention triton refused:")[1]
     assert "attention ran (1, 2, 16, 8)" in out and "encoder Encoder False" in out, out
+
+
+def test_no_import_name_here_belongs_to_another_distribution():
+    """From the repository root (where users run pytest, benchmarks/run.py and launch/*) every folder holding an
+    __init__.py and every .py file is imported by its name ahead of site-packages: none may be a name that another
+    installed distribution provides. (A top-level `kernels/` once shadowed Hugging Face's `kernels` package, which
+    transformers 5.25 imports; the kernels live in jepa4rec_dist.kernels now.) The wheel holds jepa4rec_dist only."""
+    from importlib.metadata import packages_distributions
+
+    here = {p.name for p in REPO.iterdir() if (p / "__init__.py").exists()} | {p.stem for p in REPO.glob("*.py")}
+    assert "jepa4rec_dist" in here and "kernels" not in here
+    owners = packages_distributions()
+    clashes = {name: owners[name] for name in sorted(here) if set(owners.get(name, ())) - {"jepa4rec-dist"}}
+    assert not clashes, f"import names of this repository that other installed distributions own: {clashes}"
+    found = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert found["include"] == ["jepa4rec_dist*"]

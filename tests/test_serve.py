@@ -12,18 +12,25 @@ import pytest
 
 from jepa4rec_dist.cli import main
 from jepa4rec_dist.config import load_config
+from jepa4rec_dist.serve import read_vectors
 from jepa4rec_dist.train.pretrain import pretrain
+from tests.ranking import assert_same_top_k, assert_spread, spread_export
 
 TINY = ["--config", "configs/model/tiny.yaml"]
 
 
 @pytest.fixture(scope="module")
-def trained(uneven_dataset, tmp_path_factory):
+def served(uneven_dataset, tmp_path_factory):
+    """A real export (2 pretraining steps of the tiny encoder) with seeded random word embeddings of std 1, so that
+    its items are spread: a tiny encoder this close to its init puts every item near one direction (cosines of
+    0.97-0.99999), and rankings from it would be float noise that another CPU breaks differently. What these tests
+    check is serving (files, identities, candidates, the index), not a model's quality."""
     root, _ = uneven_dataset
     out = tmp_path_factory.mktemp("serve")
     cfg = load_config([Path(TINY[1])], [f"--data.out_dir={root}", f"--train.output_dir={out / 'pre'}",
                                         "--train.max_steps=2", "--loader.batch_size=4", "--loader.num_workers=0"])
     export = pretrain(cfg, progress=False)["export"]
+    spread_export(export, seed=0)
     # two items written after training: one with exactly i3's text, one new text
     attrs = dict(zip(*(pq.read_table(root / "items.parquet", columns=["item_id", "attributes"]).column(c).to_pylist()
                        for c in ("item_id", "attributes")), strict=True))
@@ -32,6 +39,9 @@ def trained(uneven_dataset, tmp_path_factory):
                    + json.dumps({"item_id": "new-lamp", "title": "a brand-new lamp", "brand": "brand9"}) + "\n")
     assert main(["embed", *TINY, "--data", str(root), "--model", export, "--out", str(out / "catalogue.parquet")]) == 0
     assert main(["embed", "--model", export, "--items", str(new), "--out", str(out / "new.parquet")]) == 0
+    # measured: mean cosine 0.61, effective rank 20 of 32; neighbouring scores >= 2e-4 apart (float32's last bit
+    # near 1 is 6e-8), so the rankings below have no ties at their cuts
+    assert_spread(read_vectors(out / "catalogue.parquet")[1], max_mean_cos=0.8, min_effective_rank=10)
     return root, Path(export), out, new
 
 
@@ -41,8 +51,8 @@ def _recommend(capsys, *argv):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_a_new_item_is_a_candidate_and_can_reach_the_top(trained, capsys):
-    root, export, out, new = trained
+def test_a_new_item_is_a_candidate_and_can_reach_the_top(served, capsys):
+    root, export, out, new = served
     rows = _recommend(capsys, "--model", str(export), "--data", str(root), "--items", str(new),
                       "--vectors", str(out / "catalogue.parquet"), "--vectors", str(out / "new.parquet"),
                       "--history", "i3", "-k", "5")
@@ -57,8 +67,8 @@ def test_a_new_item_is_a_candidate_and_can_reach_the_top(trained, capsys):
     assert {i["item_id"] for i in included[0]["items"]} == {"i3", "new-twin-of-i3"}
 
 
-def test_vectors_path_scores_as_the_catalogue_path_and_batch_equals_single(trained, tmp_path, capsys):
-    root, export, out, _ = trained
+def test_vectors_path_scores_as_the_catalogue_path_and_batch_equals_single(served, tmp_path, capsys):
+    root, export, out, _ = served
     histories = [["i3", "i7"], ["i11"], ["i5", "quiet river 1", "i20"]]
     batch_file = tmp_path / "users.jsonl"
     batch_file.write_text("".join(json.dumps({"user": f"u{n}", "history": h}) + "\n" for n, h in enumerate(histories)))
@@ -80,11 +90,11 @@ def test_vectors_path_scores_as_the_catalogue_path_and_batch_equals_single(train
         assert {r["item_id"]: pytest.approx(r["score"] * tau, abs=1e-5) for r in old} == want
 
 
-def test_user_of_a_prepared_split(trained, capsys):
+def test_user_of_a_prepared_split(served, capsys):
     from jepa4rec_dist.data.items import ItemTable
     from jepa4rec_dist.data.shards import iter_records
 
-    root, export, out, _ = trained
+    root, export, out, _ = served
     record = next(iter(iter_records(root, "test")))
     table = ItemTable.load(root)
     rows = _recommend(capsys, "--model", str(export), "--data", str(root), "--vectors", str(out / "catalogue.parquet"),
@@ -96,10 +106,10 @@ def test_user_of_a_prepared_split(trained, capsys):
     assert "user 'nobody' is not in the test split" in capsys.readouterr().err
 
 
-def test_stale_vectors_and_bad_item_files_are_errors(trained, tmp_path, capsys):
+def test_stale_vectors_and_bad_item_files_are_errors(served, tmp_path, capsys):
     import shutil
 
-    root, export, out, _ = trained
+    root, export, out, _ = served
     changed = tmp_path / "export"
     shutil.copytree(export, changed)
     meta = json.loads((changed / "config.json").read_text())
@@ -156,15 +166,20 @@ def test_items_without_interactions_are_candidates_for_recommend_and_behind_a_sw
     from jepa4rec_dist.eval.ranks import read_ranks
 
     flags = ["--loader.num_workers=0", "--baselines.sasrec.epochs=1", "--baselines.sasrec.hidden=8"]
-    worst = {}
-    for switch in ("false", "true"):
+    total = {}
+    for switch, candidates in (("false", 20), ("true", 25)):
         out = tmp_path / f"eval-{switch}" / "eval.json"
         assert main(["evaluate", *TINY, "--data", str(root), "--model", export, "--baselines", "sasrec",
                      "--out", str(out), *flags, f"--eval.rank_items_without_interactions={switch}"]) == 0
         doc = json.loads(out.read_text())
-        worst[switch] = max(int(read_ranks(out.parent / m["ranks_file"]).columns["rank_history_included"].max())
-                            for m in doc["methods"])
-    assert worst["false"] <= 19 and 19 < worst["true"] <= 24  # more candidates: some target ranks past 19
+        assert doc["items"] == candidates and len(doc["methods"]) == 2
+        for m in doc["methods"]:
+            ranks = read_ranks(out.parent / m["ranks_file"])
+            assert ranks.meta["items"] == candidates
+            # ranks count the candidates that score above the target: never more than the others there are
+            assert 0 <= int(ranks.columns["rank_history_included"].max()) <= candidates - 1
+            total[switch] = total.get(switch, 0) + int(ranks.columns["rank_history_included"].sum())
+    assert total["true"] > total["false"]  # the 5 new candidates are scored: some of them above some targets
 
 
 def test_approximate_index_recall_against_exact_search(tmp_path, capsys):
@@ -191,18 +206,19 @@ def test_approximate_index_recall_against_exact_search(tmp_path, capsys):
     assert recalls["hnsw"] >= 0.95 and recalls["ivf"] >= 0.95 and recalls["ivf-starved"] < recalls["ivf"]
 
 
-def test_recommend_through_an_index_matches_exact_and_refuses_a_changed_vector_file(trained, tmp_path, capsys):
+def test_recommend_through_an_index_matches_exact_and_refuses_a_changed_vector_file(served, tmp_path, capsys):
     import shutil
 
-    root, export, out, _ = trained
+    root, export, out, _ = served
     vectors = tmp_path / "catalogue.parquet"
     shutil.copy(out / "catalogue.parquet", vectors)
     assert main(["index", "--vectors", str(vectors), "--out", str(tmp_path / "cat.hnsw")]) == 0
     base = ["--model", str(export), "--data", str(root), "-k", "10", "--history", "i3", "i7"]
     exact = _recommend(capsys, *base, "--vectors", str(vectors))[0]["items"]
     approx = _recommend(capsys, *base, "--index", str(tmp_path / "cat.hnsw"))[0]["items"]
-    assert {i["item_id"]: pytest.approx(i["score"], abs=1e-5) for i in approx} == \
-        {i["item_id"]: i["score"] for i in exact}  # 40 items: the graph search is exact here
+    # 40 items: the graph search finds the true top 10 here. Exact search and the index add the products in
+    # different orders, so items that tie at the 10th place may swap: compared tie-aware
+    assert_same_top_k([(i["item_id"], i["score"]) for i in approx], [(i["item_id"], i["score"]) for i in exact])
     # the vector file changes under the index: refused
     ids_table = pq.read_table(vectors)
     pq.write_table(ids_table.slice(0, 39), vectors)

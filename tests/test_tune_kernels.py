@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _infonce_gemm, _infonce_triton, _local_global_triton
-from kernels.tuning import tiles
+from jepa4rec_dist.kernels import _infonce_gemm, _infonce_triton, _local_global_triton
+from jepa4rec_dist.kernels.tuning import tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 

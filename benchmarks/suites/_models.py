@@ -65,7 +65,7 @@ SIZES = {
 def default_backend(device: torch.device) -> str:
     """Our attention backend for a device's timed rows: sdpa on CPU (triton there is the interpreter:
     numerics only), else the first of triton / flex / sdpa that runs."""
-    from kernels.local_global_attention import BACKENDS
+    from jepa4rec_dist.kernels.local_global_attention import BACKENDS
 
     if device.type != "cuda":
         return "sdpa"

@@ -37,8 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Context, measure
-from kernels.infonce import infonce_loss
-from kernels.local_global_attention import BACKENDS, dense_attention_mask, local_global_attention
+from jepa4rec_dist.kernels.infonce import infonce_loss
+from jepa4rec_dist.kernels.local_global_attention import (
+    BACKENDS,
+    dense_attention_mask,
+    local_global_attention,
+)
 
 COPIES = 3
 HEADS_DIM = {"tiny": (2, 32), "paper": (12, 64), "long": (12, 64)}
@@ -198,8 +202,8 @@ def _graph_timing(ctx, call, reps: int = 20) -> dict:
 
 
 def _flex_at(block: int, window: int, glob):
-    """The flex backend at FlexAttention block size `block` (kernels.local_global_attention.FLEX_BLOCK_SIZE)."""
-    from kernels import local_global_attention as lga
+    """The flex backend at FlexAttention block size `block` (jepa4rec_dist.kernels.local_global_attention.FLEX_BLOCK_SIZE)."""
+    from jepa4rec_dist.kernels import local_global_attention as lga
 
     def fn(q, k, v):
         saved, lga.FLEX_BLOCK_SIZE = lga.FLEX_BLOCK_SIZE, block
@@ -560,7 +564,7 @@ def _interpreted() -> bool:
 
 
 def _infonce_triton_skip(device):
-    from kernels.infonce import BACKENDS as INFONCE_BACKENDS
+    from jepa4rec_dist.kernels.infonce import BACKENDS as INFONCE_BACKENDS
 
     return INFONCE_BACKENDS["triton"][1](device)
 

@@ -393,7 +393,7 @@ def stage_finetune(args: dict) -> dict:
             engine.step()
             times.append((time.perf_counter() - t0) * 1e3)
     timed = sorted(times[1:]) if len(times) > 1 else times
-    from kernels.infonce import resolve_auto
+    from jepa4rec_dist.kernels.infonce import resolve_auto
 
     backend = resolve_auto(queries, num_items) if hc.loss_backend == "auto" else hc.loss_backend
     return dict(ms=float(np.median(timed)), p20_ms=timed[0], p80_ms=timed[-1], items=num_items,

@@ -63,9 +63,9 @@ from benchmarks.suites._models import (
     synthetic_tokenizer,
 )
 from jepa4rec_dist.data.loader import batch_tokens
+from jepa4rec_dist.kernels.local_global_attention import BACKENDS
 from jepa4rec_dist.model.encoder import Encoder
 from jepa4rec_dist.train.engine import to_device
-from kernels.local_global_attention import BACKENDS
 
 COPIES = 3
 SHAPES = {  # model size, [(batch, length, one-sided window)]

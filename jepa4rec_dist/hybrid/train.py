@@ -34,10 +34,10 @@ from jepa4rec_dist.data.shards import iter_records
 from jepa4rec_dist.eval.harness import item_counts
 from jepa4rec_dist.hybrid.model import HybridSeqRec
 from jepa4rec_dist.hybrid.scorer import HybridScorer, is_hybrid_export, save_hybrid
+from jepa4rec_dist.kernels.infonce import infonce_loss
 from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype
 from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
-from kernels.infonce import infonce_loss
 
 log = logging.getLogger(__name__)
 CONSTANT_LR_STEPS = 10**12  # the engines' linear decay over this many steps: a constant rate in practice

@@ -3,7 +3,7 @@
 Embeddings: token + token position + token type (CLS/key/value/pad) + item position, summed, LayerNorm,
 dropout. Layers: post-LN, BERT/RoBERTa-compatible names and shapes, so pretrained weights load 1:1.
 Attention: every token sees tokens within one-sided window w plus the global tokens (CLS); global tokens
-see everything. The attention math is `kernels.local_global_attention`, backend chosen by name; this
+see everything. The attention math is `jepa4rec_dist.kernels.local_global_attention`, backend chosen by name; this
 module only projects and reshapes. The model runs on one device and knows nothing of DeepSpeed or Ray.
 
 Representation of a sequence or an item = final hidden state of CLS, or the mean over non-pad tokens
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from jepa4rec_dist.config import ModelConfig
-from kernels.local_global_attention import local_global_attention
+from jepa4rec_dist.kernels.local_global_attention import local_global_attention
 
 
 class Embeddings(nn.Module):

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa4rec_dist.config import ModelConfig, PretrainConfig
+from jepa4rec_dist.kernels.infonce import infonce_loss
 from jepa4rec_dist.model.encoder import Encoder, MLMHead, mlm_loss
-from kernels.infonce import infonce_loss
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:

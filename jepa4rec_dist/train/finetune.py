@@ -1,7 +1,7 @@
 """`finetune(cfg)`: RecFormer's two-stage finetuning (docs/method.md, section 4) through the shared harness.
 
 Loss: softmax over ALL items of the domain, logits = cos(history CLS, item table) / tau, through
-`kernels.infonce_loss` with targets indexing the table (its fused backend never builds the logits).
+`jepa4rec_dist.kernels.infonce_loss` with targets indexing the table (its fused backend never builds the logits).
 Training pairs are drawn from each training sequence per epoch with pretraining's pair sampling (docs/method.md, section 3).
 
 Stage 1, each epoch: encode the whole catalogue with the current encoder (that table also validates the
@@ -41,6 +41,7 @@ from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.loop import eval_loader, run_eval  # noqa: F401 (eval_loader: still importable from here)
 from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
+from jepa4rec_dist.kernels.infonce import infonce_loss
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import export_context, save_export
 from jepa4rec_dist.model.encoder import Encoder
@@ -48,7 +49,6 @@ from jepa4rec_dist.train.distributed import broadcast_value
 from jepa4rec_dist.train.engine import TorchEngine, resolve_dtype, to_device
 from jepa4rec_dist.train.run import Checkpoints, MetricsLog, rng_state, seed_everything, set_rng_state
 from jepa4rec_dist.train.runtime import Runtime
-from kernels.infonce import infonce_loss
 
 log = logging.getLogger(__name__)
 

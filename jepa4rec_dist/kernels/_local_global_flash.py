@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._local_global_common import effective_masks
+from jepa4rec_dist.kernels._local_global_common import effective_masks
 
 _PAD_SCORE = 1000.0  # scaled score subtracted from padded keys
 

@@ -49,7 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels._platform import triton_missing
+from jepa4rec_dist.kernels._platform import triton_missing
 
 __all__ = ["infonce_loss", "available_backends", "resolve_auto", "BACKENDS"]
 
@@ -192,7 +192,7 @@ def _chunked(q, k, targets, inv_temp, key_ids=None):
 
 
 def _triton(q, k, targets, inv_temp, key_ids=None, splits=None):
-    from kernels._infonce_triton import InfoNCEFn
+    from jepa4rec_dist.kernels._infonce_triton import InfoNCEFn
 
     return InfoNCEFn.apply(q, k, targets, inv_temp, splits, key_ids)
 
@@ -200,7 +200,7 @@ def _triton(q, k, targets, inv_temp, key_ids=None, splits=None):
 def _gemm(q, k, targets, inv_temp, key_ids=None):
     """Per-row losses through the gemm backend (keys already normalised by the caller here; infonce_loss calls
     kernels._infonce_gemm.gemm_infonce directly, with raw keys and the reduction)."""
-    from kernels._infonce_gemm import gemm_infonce
+    from jepa4rec_dist.kernels._infonce_gemm import gemm_infonce
 
     return gemm_infonce(q, k, targets, inv_temp, key_ids, False, "none")
 
@@ -252,7 +252,7 @@ def infonce_loss(queries, keys, targets=None, *, temperature=0.05, normalize=Tru
     if targets is None:
         targets = torch.arange(queries.shape[0], device=queries.device)
     if backend == "gemm":  # keys normalised inside, through norm vectors; reduction fused
-        from kernels._infonce_gemm import gemm_infonce
+        from jepa4rec_dist.kernels._infonce_gemm import gemm_infonce
 
         q = _normalize(queries) if normalize else queries
         return gemm_infonce(q, keys, targets, 1.0 / float(temperature), key_ids, normalize, reduction)

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import dot as _dot
-from kernels._triton_common import dot_precision, needs_upcast
+from jepa4rec_dist.kernels._triton_common import dot as _dot
+from jepa4rec_dist.kernels._triton_common import dot_precision, needs_upcast
 
 _LOG2E = 1.4426950408889634
 _EMPTY_LSE = tl.constexpr(1.0e30)  # lse of a row that sees nothing: exp2(s - lse) == 0 in the backward

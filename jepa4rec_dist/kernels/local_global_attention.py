@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels._local_global_common import effective_masks
+from jepa4rec_dist.kernels._local_global_common import effective_masks
 
 __all__ = ["local_global_attention", "available_backends", "BACKENDS", "dense_attention_mask"]
 
@@ -175,7 +175,7 @@ def _global_index(batch, length, device, global_mask, padding_mask):
 
 
 def _triton(q, k, v, window, global_mask, padding_mask):
-    from kernels._local_global_triton import LocalGlobalAttentionFn
+    from jepa4rec_dist.kernels._local_global_triton import LocalGlobalAttentionFn
 
     if q.shape[-1] > 256:
         raise ValueError(f"triton backend supports head_dim <= 256, got {q.shape[-1]}")
@@ -187,7 +187,7 @@ def _triton(q, k, v, window, global_mask, padding_mask):
 
 
 def _flash(q, k, v, window, global_mask, padding_mask):
-    from kernels._local_global_flash import flash_local_global
+    from jepa4rec_dist.kernels._local_global_flash import flash_local_global
 
     return flash_local_global(q, k, v, window, global_mask, padding_mask)
 
@@ -206,7 +206,7 @@ def _cuda_only(what):
 
 
 def _triton_check(device):
-    from kernels._platform import triton_missing
+    from jepa4rec_dist.kernels._platform import triton_missing
 
     if triton_missing() is not None:
         return triton_missing()

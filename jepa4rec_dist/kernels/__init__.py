@@ -7,7 +7,7 @@ infonce_loss            InfoNCE / full-softmax loss without the N x M logit matr
 Triton is imported lazily, on the first call of a triton backend.
 """
 
-from kernels.infonce import infonce_loss
-from kernels.local_global_attention import local_global_attention
+from jepa4rec_dist.kernels.infonce import infonce_loss
+from jepa4rec_dist.kernels.local_global_attention import local_global_attention
 
 __all__ = ["local_global_attention", "infonce_loss"]

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_common import dot as _dot
-from kernels._triton_common import dot_precision, needs_upcast
+from jepa4rec_dist.kernels._triton_common import dot as _dot
+from jepa4rec_dist.kernels._triton_common import dot_precision, needs_upcast
 
 _LOG2E = 1.4426950408889634
 _PARTIAL_BYTES = 256 * 2**20  # cap on the fp32 (splits, N, d) dQ partial buffer

@@ -41,7 +41,7 @@ def attention_variants(head_dim: int, dt: str, part: str, heads: int = 12,
     `part` ("row": forward and dQ, band and global rows; "col": dK/dV, band and global columns) at the current
     tiles (`_config` on CUDA, with any `tiles` override). `divisible`: the integer arguments a launch at the shape
     of interest specialises as multiples of 16 (`compile_for_gpu`)."""
-    from kernels import _local_global_triton as m
+    from jepa4rec_dist.kernels import _local_global_triton as m
 
     cfg = m._config(head_dim, DTYPES[dt], torch.device("cuda"))
     types = {p: "*" + dt for p in ("Q", "K", "V", "FWD_OUT", "OUT", "DO", "DK", "DV")}
@@ -81,7 +81,7 @@ def infonce_variants(dim: int, dt: str, has_ids: bool = True,
     """[(label, kernel, arg types, constexprs, num_warps, num_stages, divisible)] of the fused InfoNCE's three
     kernels at the current tiles (`_config` on CUDA, with any `tiles` override); `has_ids`: the
     duplicate-masking variant; `divisible` as for `attention_variants`."""
-    from kernels import _infonce_triton as m
+    from jepa4rec_dist.kernels import _infonce_triton as m
 
     cfg = m._config(dim, DTYPES[dt], torch.device("cuda"))
     types = dict(N="i32", M="i32", d="i32", keys_per_split="i32", scale="fp32", out_scale="fp32", M_PART="*fp32",
@@ -99,7 +99,7 @@ def gemm_variants(dt: str, has_ids: bool = True, block: int = 2048, num_warps: i
                   divisible: tuple[str, ...] = ("M", "stride_s", "stride_g")) -> list[tuple]:
     """The `gemm` InfoNCE backend's one Triton kernel (the fused log-sum-exp + gradient step between its cuBLAS
     GEMMs), in the forms a launch compiles: with G' written (training) and without (evaluation)."""
-    from kernels import _infonce_gemm as m
+    from jepa4rec_dist.kernels import _infonce_gemm as m
 
     types = dict(S="*fp32", SCALE="*fp32", TGT="*i32", ROW_IDS="*i32", KEY_IDS="*i32", W="*fp32", LSE="*fp32",
                  LOSS="*fp32", G="*" + dt, M="i32", stride_s="i32", stride_g="i32")
@@ -112,7 +112,7 @@ def compile_report(variants: list[tuple], arch: int = 90) -> list[dict]:
     """Registers, spill bytes and shared memory of each variant, compiled ahead of time for `arch` (no GPU
     needed; run without TRITON_INTERPRET), specialised as a launch would be (aligned pointers, the `divisible`
     integers). A variant the compiler rejects gets its error instead."""
-    from kernels._triton_common import compile_for_gpu
+    from jepa4rec_dist.kernels._triton_common import compile_for_gpu
 
     out = []
     for label, fn, types, constexprs, warps, stages, divisible in variants:
