@@ -2,11 +2,13 @@
 portable backends run, and the Triton ones say why they cannot; the flash extra names the flash-attn versions
 whose internals the backend calls; the constraints file pins what the tests ran with."""
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
@@ -38,6 +40,8 @@ def test_the_flash_extra_names_the_versions_the_backend_was_written_for():
     assert "2.6.3" not in flash.specifier and "2.9.0" not in flash.specifier
 
 
+@pytest.mark.skipif(os.environ.get("JEPA4REC_UNPINNED") == "1",
+                    reason="`make test-latest`: installed without constraints.txt on purpose (the newest versions)")
 def test_constraints_pin_the_installed_versions():
     from importlib.metadata import version
 
