@@ -60,6 +60,14 @@ def test_finetune_then_evaluate_export_gives_the_same_metrics(uneven_dataset, tm
     result = finetune(cfg, progress=False)
     stages = [(h["stage"], h["epoch"]) for h in result["history"]]
     assert stages[:3] == [(1, 0), (1, 1), (1, 2)] and result["best"]["stage"] in (1, 2)
+    # epoch 0's table (the pretrained export's vectors) went to the dataset's item-vector cache, where a hybrid
+    # model or an evaluation over the same export finds it: the vectors a fresh encoding of the export gives
+    import numpy as np
+
+    from jepa4rec_dist.hybrid.vectors import cached_vectors, encode_source
+
+    cached = cached_vectors(cfg, root, pre["export"])
+    assert cached is not None and np.array_equal(cached, encode_source(cfg, root, pre["export"], progress=False))
     assert set(result["test"]) >= {"ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr"}
     out = tmp_path / "eval.json"
     code = main(["evaluate", "--config", str(TINY[0]), "--data", str(root), "--model", str(tmp_path / "ft" / "best"),

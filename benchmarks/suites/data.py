@@ -114,7 +114,8 @@ def _consume_row(ctx: Context, cfg: Config, root: Path, tok: TokenizerInfo, shap
                        skipped="a base-model step takes minutes on CPU: measured on CUDA only")
     cfg = replace(cfg, model=replace(cfg.model, attention_backend=backend))
     loader = ShardLoader(root, "train", replace(cfg.loader, num_workers=0), _collator(cfg, ItemTable.load(root), tok))
-    batches = [to_device(b, dev) for b, _ in zip(loader, range(CONSUME_BATCHES))]
+    # a smoke run: one batch (the row is made and checked, not timed with care)
+    batches = [to_device(b, dev) for b, _ in zip(loader, range(1 if ctx.smoke else CONSUME_BATCHES))]
     step = PretrainStep("ours", cfg, tok, dev, dtype)
     first = {k: float(v.detach()) for k, v in step(batches[0]).items()}
     if dev.type == "cuda":

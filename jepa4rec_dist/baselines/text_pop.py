@@ -35,6 +35,7 @@ class TextPopScorer:
         self.log_counts = torch.zeros(num_items)
         self.beta, self.last_items = 0.0, self.cfg.last_items_grid[0]
         self.fit_report: dict = {}
+        self._profiles: dict[int, torch.Tensor] = {}
 
     def fit(self, train_records: Iterable[dict], valid: Iterable[dict] | None = None,
             exclude_history: bool = True) -> TextPopScorer:
@@ -48,10 +49,15 @@ class TextPopScorer:
         valid = list(valid)
         grid = {}
         for last in self.cfg.last_items_grid:
+            self.last_items = last
+            # the profiles depend on last_items only: computed once per batch for every beta of the grid
+            self._profiles = {}
+            self._profiles = {id(b): self.user_state(b) for b in valid}
             for beta in self.cfg.betas:
-                self.beta, self.last_items = beta, last
+                self.beta = beta
                 grid[(last, beta)] = evaluate(self, valid, ks=(10,), exclude_history=exclude_history,
                                               progress=False).metrics["ndcg@10"]
+        self._profiles = {}
         (self.last_items, self.beta), best = max(grid.items(), key=lambda kv: (kv[1], -kv[0][1]))
         edge = self.beta == max(self.cfg.betas) and self.beta > 0
         self.fit_report = {"beta": self.beta, "last_items": self.last_items, "best_valid_ndcg@10": round(best, 6),
@@ -60,6 +66,8 @@ class TextPopScorer:
 
     # --- Scorer protocol -----------------------------------------------------------------------------------
     def user_state(self, batch: dict) -> torch.Tensor:
+        if id(batch) in self._profiles:  # fit's grid: this batch's profiles at the current last_items
+            return self._profiles[id(batch)]
         histories = batch["history_items"]
         check_histories(histories, self.num_items, "text-pop")
         rows = [self.item_emb[torch.as_tensor(h[-self.last_items:])].mean(0) for h in histories]

@@ -100,13 +100,22 @@ class EvalResult:
 
 
 def _history_mask(batch: dict, lo: int, hi: int) -> torch.Tensor:
-    items = batch["history_items"]
-    mask = torch.zeros(len(items), hi - lo, dtype=torch.bool)
-    for b, hist in enumerate(items):
-        idx = [i - lo for i in hist if lo <= i < hi]
-        if idx:
-            mask[b, idx] = True
+    """(B, hi - lo) bool: True where the column's item is in the user's history."""
+    rows, items = _history_index(batch)
+    here = (items >= lo) & (items < hi)
+    mask = torch.zeros(len(batch["history_items"]), hi - lo, dtype=torch.bool)
+    mask[rows[here], items[here] - lo] = True
     return mask
+
+
+def _history_index(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, items): each user's distinct history items, flat, with the user's row in the batch."""
+    rows, items = [], []
+    for b, hist in enumerate(batch["history_items"]):
+        distinct = set(hist.tolist() if hasattr(hist, "tolist") else hist)
+        rows += [b] * len(distinct)
+        items += distinct
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(items, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -118,6 +127,7 @@ def rank_batch_both(scorer: Scorer, batch: dict, chunk: int = 65536) -> BatchRan
     n = len(targets)
     included, in_history, ties = (torch.zeros(n, dtype=torch.long) for _ in range(3))
     rows = torch.arange(n)
+    hist_rows, hist_items = _history_index(batch)
     for lo in range(0, scorer.num_items, chunk):
         hi = min(lo + chunk, scorer.num_items)
         scores = scorer.item_scores(state, lo, hi).float()
@@ -128,7 +138,8 @@ def rank_batch_both(scorer: Scorer, batch: dict, chunk: int = 65536) -> BatchRan
         equal[rows[inside], targets[inside] - lo] = False
         included += higher.sum(dim=1)
         ties += equal.sum(dim=1)
-        in_history += (higher & _history_mask(batch, lo, hi)).sum(dim=1)
+        here = (hist_items >= lo) & (hist_items < hi)  # history items in this chunk that outscore the target
+        in_history.index_add_(0, hist_rows[here], higher[hist_rows[here], hist_items[here] - lo].long())
     return BatchRanks(included - in_history, included, ties)
 
 

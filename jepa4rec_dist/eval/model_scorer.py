@@ -37,6 +37,30 @@ def encode_items(encoder: Encoder, table: ItemTable, tok: TokenizerInfo, seq_cfg
     return torch.cat(out)
 
 
+@torch.no_grad()
+def encode_items_shared(encoder: Encoder, table: ItemTable, tok: TokenizerInfo, seq_cfg: SequenceConfig,
+                        batch_size: int, device: torch.device | str, rank: int, world: int,
+                        progress: bool = True) -> torch.Tensor:
+    """`encode_items` split over the `world` ranks of the default process group, each holding the whole encoder:
+    rank r encodes a contiguous share of whole batches (the batches one process would make, so the vectors are
+    the same), then every rank gets the whole (N, H) table by an all-gather."""
+    import torch.distributed as dist
+
+    n = table.num_items
+    batches = -(-n // batch_size)
+    share = -(-batches // world) * batch_size  # rows a rank: whole batches, the last rank's share may be short
+    lo, hi = min(rank * share, n), min((rank + 1) * share, n)
+    mine = encode_items(encoder, table, tok, seq_cfg, batch_size, device, progress, indices=np.arange(lo, hi)) \
+        if hi > lo else None
+    dim = encoder.cfg.hidden_size
+    padded = torch.zeros(share, dim, dtype=torch.float32, device=device)
+    if mine is not None:
+        padded[:hi - lo] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
+
+
 def item_pairs(item: dict, attributes: list[str]) -> list[tuple[str, str]]:
     """A raw item (attribute -> value) as the (key, value) pairs of its sentence, in the export's attribute order:
     missing, null and empty values are left out, lists joined with ", ", everything else str()."""

@@ -110,36 +110,58 @@ def encode_source(cfg, root: str | Path, source: str, progress: bool = True, ray
     return vectors.float().cpu().numpy()
 
 
-def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refresh: bool = False,
-                 ray_actors: int = 0, stale_ok: bool = False, all_items: bool = False) -> tuple[np.ndarray, dict]:
-    """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached.
-    A stale cache is an error, unless `stale_ok` (evaluation: nothing was trained on it), which re-encodes."""
+def cached_vectors(cfg, root: str | Path, source: str, stale_ok: bool = False,
+                   all_items: bool = False) -> np.ndarray | None:
+    """The cached vectors of `source` over the catalogue at `root` when the cache matches the source as it is now;
+    None when there is no cache, or a stale one and `stale_ok`; a stale cache otherwise is an error naming the
+    field that changed."""
+    npy, meta_path = cache_paths(root, source, all_items)
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    want = identity(cfg, root, source, all_items)
+    have = json.loads(meta_path.read_text())
+    stale = [k for k in want if k not in DESCRIPTIVE and have.get(k) != want[k]]
+    if not stale:
+        vectors = np.load(npy)
+        log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
+        return vectors
+    if not stale_ok:
+        raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
+                         f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
+                         "or pass --hybrid.refresh_vectors=true")
+    log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
+    return None
+
+
+def store_vectors(cfg, root: str | Path, source: str, vectors: np.ndarray, all_items: bool = False) -> dict:
+    """Cache `vectors` (the catalogue at `root` through `source`, as `encode_source` makes them); returns their
+    identity. A read-only dataset folder is a warning: the vectors are still right, only not kept."""
     npy, meta_path = cache_paths(root, source, all_items)
     want = identity(cfg, root, source, all_items)
-    if npy.is_file() and meta_path.is_file() and not refresh:
-        have = json.loads(meta_path.read_text())
-        stale = [k for k in want if k not in DESCRIPTIVE and have.get(k) != want[k]]
-        if not stale:
-            vectors = np.load(npy)
-            log.info("item vectors: %s (cached, %d x %d)", npy, *vectors.shape)
-            return vectors, have
-        if not stale_ok:
-            raise ValueError(f"{npy}: stale item-vector cache: {', '.join(stale)} changed since it was written "
-                             f"(e.g. {stale[0]}: cached {have.get(stale[0])!r}, now {want[stale[0]]!r}); delete it "
-                             "or pass --hybrid.refresh_vectors=true")
-        log.info("item vectors: %s is stale (%s changed): re-encoding", npy, ", ".join(stale))
-    vectors = encode_source(cfg, root, source, progress, ray_actors, all_items)
     meta = {**want, "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1])}
     try:
         npy.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(npy, lambda tmp: save_npy(tmp, vectors))  # two runs may fill the same cache at once
         atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    except OSError as err:  # a read-only dataset folder: the vectors are still right, only not kept
+    except OSError as err:
         log.warning("item vectors: could not cache them in %s (%s): they will be encoded again next time",
                     npy.parent, err)
     else:
         log.info("item vectors: encoded %d items with %s -> %s", vectors.shape[0], source, npy)
-    return vectors, want
+    return want
 
 
-__all__ = ["source_identity", "identity", "cache_paths", "encode_source", "item_vectors"]
+def item_vectors(cfg, root: str | Path, source: str, progress: bool = True, refresh: bool = False,
+                 ray_actors: int = 0, stale_ok: bool = False, all_items: bool = False) -> tuple[np.ndarray, dict]:
+    """(vectors, identity): from the cache when it matches the source as it is now, else encoded and cached.
+    A stale cache is an error, unless `stale_ok` (evaluation: nothing was trained on it), which re-encodes."""
+    if not refresh:
+        vectors = cached_vectors(cfg, root, source, stale_ok, all_items)
+        if vectors is not None:
+            return vectors, json.loads(cache_paths(root, source, all_items)[1].read_text())
+    vectors = encode_source(cfg, root, source, progress, ray_actors, all_items)
+    return vectors, store_vectors(cfg, root, source, vectors, all_items)
+
+
+__all__ = ["source_identity", "identity", "cache_paths", "encode_source", "cached_vectors", "store_vectors",
+           "item_vectors"]

@@ -5,7 +5,10 @@ Loss: softmax over ALL items of the domain, logits = cos(history CLS, item table
 Training pairs are drawn from each training sequence per epoch with pretraining's pair sampling (docs/method.md, section 3).
 
 Stage 1, each epoch: encode the whole catalogue with the current encoder (that table also validates the
-previous epoch's model: one encode per epoch), then train the sequence side against it.
+previous epoch's model: one encode per epoch), then train the sequence side against it. Under DeepSpeed with
+the weights whole on every rank (ZeRO 0-2) the ranks share the encoding, batch by batch, and gather the table.
+Epoch 0's table is the starting encoder's: read from the dataset's item-vector cache (`hybrid.vectors`) when a
+hybrid model or an evaluation over the same export wrote it, else encoded and cached there for them.
 Stage 2: reload the best stage-1 model with its table, keep the table frozen, keep training.
 Selection: validation NDCG@10 with patience; the best model is exported with its item table. The test
 split is evaluated once, with the best model.
@@ -40,7 +43,7 @@ from jepa4rec_dist.data.prepare import low_resource_dataset, training_items
 from jepa4rec_dist.data.shards import load_manifest
 from jepa4rec_dist.data.tokenization import TokenizerInfo
 from jepa4rec_dist.eval.loop import eval_loader, run_eval  # noqa: F401 (eval_loader: still importable from here)
-from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items
+from jepa4rec_dist.eval.model_scorer import EncoderScorer, encode_items, encode_items_shared
 from jepa4rec_dist.kernels.infonce import infonce_loss
 from jepa4rec_dist.model import build_encoder, encoder_tensors
 from jepa4rec_dist.model.checkpoint import export_context, save_export
@@ -205,8 +208,34 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
                                    **engine_options(cfg, dtype, runtime, ft.output_dir)), model
         return TorchEngine(model, lr, cfg.train.weight_decay, 0, total, cfg.train.clip_norm, 1, device, dtype), model
 
-    def encode(model):  # every rank, same batches (a collective under ZeRO-3)
-        return encode_items(model.encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device, progress and main)
+    split = runtime.distributed and cfg.train.zero_stage < 3  # weights whole on every rank: share the catalogue
+
+    def encode(model):
+        """The catalogue through the current encoder, on every rank. Weights whole on every rank (ZeRO 0-2): each
+        encodes its share of the batches, then they are gathered: the same batches as one process, so the same
+        vectors. ZeRO-3: every rank runs every batch (each forward is a collective over the weight shards)."""
+        if not split:
+            return encode_items(model.encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device,
+                                progress and main)
+        return encode_items_shared(model.encoder, table, tok, cfg.sequence, cfg.eval.batch_size, device,
+                                   runtime.rank, runtime.world, progress and main)
+
+    def initial_table(model):
+        """Epoch 0's table: the starting encoder's vectors, which the item-vector cache may hold already (a hybrid
+        model or an evaluation over the same export wrote them), else encoded and cached for the next user."""
+        source = load_model_source(cfg).model.init_from
+        if source is None:  # a random init: nothing to cache
+            return encode(model)
+        from jepa4rec_dist.hybrid.vectors import cached_vectors, store_vectors
+
+        hit = cached_vectors(cfg, root, source, stale_ok=True) is not None if main else None
+        if broadcast_value(hit):  # every rank reads the file rank 0 found valid
+            return torch.from_numpy(cached_vectors(cfg, root, source, stale_ok=True)).to(device)
+        vectors = encode(model)
+        if main:
+            store_vectors(cfg, root, source, vectors.float().cpu().numpy())
+        runtime.barrier()
+        return vectors
 
     def standalone(engine, model):
         """Rank 0: a plain copy of the current encoder (gathered from ZeRO-3 partitions); None elsewhere."""
@@ -303,7 +332,7 @@ def finetune(cfg: Config, runtime: Runtime | None = None, progress: bool = True,
     if resumed is None and in_stage != 2:
         engine, model = make_engine(encoder, ft.stage1_epochs + ft.stage2_epochs, ft.lr)
         start, bad, done = (1, 0, False) if in_stage is None else restore(engine)
-        item_table = encode(model)
+        item_table = encode(model) if in_stage is not None else initial_table(model)
         if in_stage is None:
             validate(engine, model, item_table, 1, 0)
         if not done:
