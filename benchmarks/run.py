@@ -1,6 +1,7 @@
 """Benchmark entry point.
 
     python benchmarks/run.py --suite kernels|train|data|ann|scale|all --device cpu|cuda --shapes tiny|paper|long
+    python benchmarks/run.py --suite data,ann --smoke         # several suites, in that order
     python benchmarks/run.py --compare A.jsonl B.jsonl      # median ratios B/A of matching rows
     python benchmarks/run.py --readme                      # README "Performance" from benchmarks/results/
 
@@ -23,9 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 SUITE_NAMES = ("kernels", "train", "data", "ann", "scale")  # --suite all runs them in this order
 
 
+def suite_list(value: str) -> tuple[str, ...]:
+    """`--suite`: one suite, a comma-separated list (run in that order), or `all`."""
+    if value == "all":
+        return SUITE_NAMES
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in SUITE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(unknown) or repr(value)} "
+                                         f"(known: {', '.join(SUITE_NAMES)}, or all)")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=(*SUITE_NAMES, "all"), default="kernels")
+    parser.add_argument("--suite", type=suite_list, default=("kernels",), metavar="NAME[,NAME...]|all",
+                        help=f"one of {', '.join(SUITE_NAMES)}, several separated by commas, or all")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", choices=("tiny", "paper", "long"), default="tiny")
@@ -63,9 +77,9 @@ def main(argv=None) -> int:
             parser.error("triton was imported before TRITON_INTERPRET could be set")
         os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(args.threads)
-    suites = SUITE_NAMES if args.suite == "all" else (args.suite,)
+    suites = args.suite
     if args.out and len(suites) > 1:
-        parser.error("--out names one file: with --suite all use --out-dir")
+        parser.error("--out names one file: with several suites use --out-dir")
 
     from benchmarks.harness import RESULTS_DIR, Context, SuiteRefused, environment, load_suite, run_suite
 

@@ -69,3 +69,21 @@ def uneven_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uneven")
     cfg, manifest = prepare_generic(folder, n_users=47, samples_per_shard=4)
     return Path(cfg.data.out_dir), manifest
+
+
+@pytest.fixture(scope="session")
+def gpu_check_dry_run(tmp_path_factory):
+    """`benchmarks/gpu_check.sh --device cpu --shapes tiny` once for the session: (its $OUT, its stdout). It runs
+    the kernel and train suites' smoke cases (what `benchmarks/run.py --suite kernels,train --smoke` runs), so the
+    benchmark tests read those two suites' rows from here rather than running them a second time."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("gpu-check") / "dry"
+    env = dict(os.environ, PYTHON=sys.executable, TUNE_CONFIGS="2")
+    done = subprocess.run(["bash", str(repo / "benchmarks/gpu_check.sh"), "--device", "cpu", "--shapes", "tiny",
+                           "--out", str(out)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out, done.stdout

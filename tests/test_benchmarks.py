@@ -1,6 +1,8 @@
-"""`python benchmarks/run.py`: one tiny case of every suite on CPU (`--suite all --smoke`, in a subprocess,
-into a temporary folder), then the rows' schema, ours-vs-reference agreement, the table / JSON / PNG
-outputs, `--compare`, and `--readme` on a copy of the README."""
+"""`python benchmarks/run.py`: one tiny case of every suite on CPU (`--smoke`, in a subprocess, into a temporary
+folder), then the rows' schema, ours-vs-reference agreement, the table / JSON / PNG outputs, `--compare`, and
+`--readme` on a copy of the README. The kernel and train suites' smoke rows come from the session's
+`gpu_check.sh` dry run (tests/conftest.py), which runs exactly those two through run.py; this module runs the
+other three (`--suite data,ann,scale`)."""
 
 import json
 import os
@@ -25,13 +27,23 @@ def run_cli(*args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, gpu_check_dry_run):
+    import tarfile
+
     out = tmp_path_factory.mktemp("bench")
-    proc = run_cli("--suite", "all", "--device", "cpu", "--shapes", "tiny", "--smoke", "--out-dir", str(out))
+    proc = run_cli("--suite", "data,ann,scale", "--device", "cpu", "--shapes", "tiny", "--smoke", "--out-dir", str(out))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc.stdout, {s: read_jsonl(out / f"{s}-cpu.jsonl") for s in SUITES}
+    dry, _ = gpu_check_dry_run  # kernels-cpu.* in its folder; train-cpu.* and both suites' output in logs.tar.gz
+    for name in ("kernels-cpu.jsonl", "kernels-cpu.md", "kernels-cpu.png"):
+        shutil.copy(dry / name, out / name)
+    with tarfile.open(dry / "logs.tar.gz") as tar:
+        for name in ("train-cpu.jsonl", "train-cpu.md", "train-cpu.png"):
+            (out / name).write_bytes(tar.extractfile(name).read())
+        stdout = "".join(tar.extractfile(log).read().decode() for log in ("kernels.log", "train.log")) + proc.stdout
+    return out, stdout, {s: read_jsonl(out / f"{s}-cpu.jsonl") for s in SUITES}
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_every_suite_writes_json_lines_a_table_and_a_plot(smoke):
     out, stdout, rows = smoke
     for suite in SUITES:
@@ -46,6 +58,7 @@ def test_every_suite_writes_json_lines_a_table_and_a_plot(smoke):
     assert ann["exact"]["recall_at_10"] == 1.0 and 0.9 <= ann["hnsw[ef=32]"]["recall_at_10"] <= 1.0
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_rows_follow_one_schema(smoke):
     _, _, rows = smoke
     for row in (r for suite in SUITES for r in rows[suite]):
@@ -73,6 +86,7 @@ def test_rows_follow_one_schema(smoke):
             assert "L_att" in row["flops_formula"]
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_ours_and_the_references_agree(smoke):
     _, _, rows = smoke
     checked = {(r["suite"], r["name"], r["provider"]): r for s in SUITES for r in rows[s] if r["ok"] is not None}
@@ -96,6 +110,7 @@ def test_ours_and_the_references_agree(smoke):
     assert data[("stream", "shards")]["headroom"] > 0 and data[("stream", "raw_tokenize")]["mismatched_samples"] == 0
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_compare_prints_ratios_of_matching_rows(smoke, tmp_path, capsys):
     out, _, rows = smoke
     slower = [dict(r, median_ms=2 * r["median_ms"]) if r["median_ms"] else r for r in rows["train"]]
@@ -105,6 +120,7 @@ def test_compare_prints_ratios_of_matching_rows(smoke, tmp_path, capsys):
     assert len(lines) == 6 and all(line.endswith("| 2.00 |") for line in lines)
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_readme_section_is_regenerated_between_the_markers_only(smoke, tmp_path, capsys):
     out, _, rows = smoke
     results = tmp_path / "results"
@@ -142,11 +158,18 @@ def test_gpu_shapes_on_cpu_are_refused_before_any_work(tmp_path):
 
 
 def test_the_cli_offers_every_registered_suite():
+    import argparse
+
     from benchmarks import harness, run
 
     assert set(run.SUITE_NAMES) == set(harness.SUITES)
+    assert run.suite_list("all") == run.SUITE_NAMES  # all: every suite, in the CLI's order
+    assert run.suite_list("scale,data") == ("scale", "data") and run.suite_list("ann") == ("ann",)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown suite.s. bogus"):
+        run.suite_list("data,bogus")
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_kernel_peers(smoke):
     """SDPA pinned to each backend (those this device cannot run say so; the fastest is named), the InfoNCE
     peers that need CUDA or a library say why they did not run, and the item table also runs with key gradients."""
@@ -167,6 +190,7 @@ def test_kernel_peers(smoke):
     assert all(r["ok"] for r in infonce)
 
 
+@pytest.mark.slow  # the smoke run of every suite (~90 s on 2 cores, shared)
 def test_scale_smallest_size(smoke):
     """The scale suite's smallest size (10^5 interactions, 10^4 items): every stage measured in its own process,
     with its peak memory; the shards, the evaluation and the finetuning step ran on the prepared data."""

@@ -453,6 +453,7 @@ def test_staged_training_starts_as_the_source_model(successor, tmp_path):
                    str(tmp_path / "id" / "best"), {})
 
 
+@pytest.mark.slow  # two catalogues trained (~7 s on 2 cores)
 def test_a_text_model_moves_to_another_catalogue(successor, tmp_path):
     """`hybrid.init_from` from another dataset (transfer): a text-mode fit on a 20-item catalogue starts a model
     on a 30-item one. Its item table is rebuilt from the target's own item vectors, whitened with the source's

@@ -53,6 +53,7 @@ def test_ml100k_counts_and_item_text(tmp_path, capsys):
     assert verify_dataset(out) == {"train": 943, "valid": 943, "test": 943}
 
 
+@pytest.mark.slow  # prepares all of ml-1m (~7 s on 2 cores)
 def test_ml1m_counts(tmp_path):
     cfg = load_config(overrides=["--data.dataset=ml-1m", f"--data.out_dir={tmp_path}"])
     manifest = prepare(cfg, progress=False)

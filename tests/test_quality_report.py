@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from jepa4rec_dist.eval.ranks import read_ranks
@@ -29,6 +30,7 @@ def runner_command(tmp_path: Path, sasrec_epochs: int, *args: str) -> tuple[list
             "--methods", "popularity,sasrec", "--out", str(runs), "--threads", "1", *args], runs
 
 
+@pytest.mark.slow  # several runner processes (10-25 s on 2 cores)
 def test_runner_then_report(tmp_path):
     """Two baselines and two rows of the item-vector model (IDs only; raw MiniLM text, no pretraining)."""
     cmd, runs = runner_command(tmp_path, 3, "--new-items-fraction", "0.25",
@@ -99,6 +101,7 @@ def test_runner_then_report(tmp_path):
                 or "hybrid-minilm" in (p["method_a"], p["method_b"])]
 
 
+@pytest.mark.slow  # several runner processes (10-25 s on 2 cores)
 def test_two_runners_share_a_variant_through_lock_files(tmp_path):
     cmd, runs = runner_command(tmp_path, 2, "--variants", "standard")
     locks = runs / "generic" / "standard" / "locks"
@@ -121,6 +124,7 @@ def test_two_runners_share_a_variant_through_lock_files(tmp_path):
     assert (runs / "generic/standard/eval/sasrec.json").is_file() and not (locks / "sasrec.lock").exists()
 
 
+@pytest.mark.slow  # several runner processes (10-25 s on 2 cores)
 def test_runner_hybrid_moved_starts_from_another_datasets_text_model(tmp_path):
     """`hybrid-moved`: the item-vector model whose sequence side starts from a text-only model of another dataset
     (`--moved-from`); without the option the runner stops with a message naming it."""

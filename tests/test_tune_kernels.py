@@ -69,16 +69,12 @@ def test_sweep_compiles_for_sm90_and_prunes_from_a_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_on_cpu_writes_every_file(tmp_path):
-    """benchmarks/gpu_check.sh with DEVICE=cpu SHAPES=tiny: every step starts and writes its files, eight in all
-    (the device tool's limit), the logs bundled."""
+def test_gpu_check_dry_run_on_cpu_writes_every_file(gpu_check_dry_run):
+    """benchmarks/gpu_check.sh with DEVICE=cpu SHAPES=tiny (the session's run, tests/conftest.py): every step
+    starts and writes its files, eight in all (the device tool's limit), the logs bundled."""
     import tarfile
 
-    out = tmp_path / "dry"
-    env = dict(os.environ, PYTHON=sys.executable, TUNE_CONFIGS="2")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--device", "cpu", "--shapes", "tiny",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out, stdout = gpu_check_dry_run
     assert sorted(p.name for p in out.iterdir()) == ["cuda-tests.log", "env.txt", "kernels-cpu.jsonl", "kernels-cpu.md",
                                                      "kernels-cpu.png", "logs.tar.gz", "tune.json", "tune.md"]
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -92,4 +88,4 @@ def test_gpu_check_dry_run_on_cpu_writes_every_file(tmp_path):
     assert [r["part"] for r in json.loads((out / "tune.json").read_text())["rows"]] == ["row"] * 2 + ["col"] * 2 + \
         ["infonce"] * 2 + ["gemm"] * 2
     for step in ("cuda tests: exit", "kernel benchmark: exit 0", "train benchmark: exit 0", "tile sweep: exit 0"):
-        assert step in done.stdout, done.stdout[-2000:]
+        assert step in stdout, stdout[-2000:]
